@@ -1,0 +1,71 @@
+"""Pure-torch core of selmix_dist: confusion matrices, metrics, objectives, the gain matrix, the pair
+distribution and sampler, and deterministic randomness. No file I/O, no ranks, no accelerate."""
+
+from __future__ import annotations
+
+from .confusion import (
+    class_support,
+    confusion_counts,
+    coverages,
+    head_tail_masks,
+    joint_confusion,
+    precisions,
+    recalls,
+)
+from .distribution import GainConvergence, restrict_support, selmix_distribution
+from .gain import gain_matrix, logit_derivative
+from .metrics import METRIC_NAMES, compute_metrics, per_class_metrics
+from .objectives import (
+    ALIASES,
+    OBJECTIVES,
+    CustomObjective,
+    GMean,
+    HMean,
+    HMeanMinCoverage,
+    HMeanMinHeadTailCoverage,
+    MeanRecall,
+    MeanRecallMinCoverage,
+    MeanRecallMinHeadTailCoverage,
+    MinHeadTailRecall,
+    MinRecall,
+    Objective,
+    build_objective,
+)
+from .rng import derive_seed, generator
+from .sampler import PairBatch, PairSampler
+
+__all__ = [
+    "ALIASES",
+    "METRIC_NAMES",
+    "OBJECTIVES",
+    "CustomObjective",
+    "GMean",
+    "GainConvergence",
+    "HMean",
+    "HMeanMinCoverage",
+    "HMeanMinHeadTailCoverage",
+    "MeanRecall",
+    "MeanRecallMinCoverage",
+    "MeanRecallMinHeadTailCoverage",
+    "MinHeadTailRecall",
+    "MinRecall",
+    "Objective",
+    "PairBatch",
+    "PairSampler",
+    "build_objective",
+    "class_support",
+    "compute_metrics",
+    "confusion_counts",
+    "coverages",
+    "derive_seed",
+    "gain_matrix",
+    "generator",
+    "head_tail_masks",
+    "joint_confusion",
+    "logit_derivative",
+    "per_class_metrics",
+    "precisions",
+    "recalls",
+    "restrict_support",
+    "selmix_distribution",
+]

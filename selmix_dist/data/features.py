@@ -1,0 +1,439 @@
+"""Feature cache: frozen-backbone features of each split, extracted once (sharded over ranks), resumable.
+
+Layout of a cache directory:
+    manifest.json                          key, chunk size, and per split its hash and chunk list
+    <split>/chunk-<start>-<stop>.safetensors
+        features  float16|float32[stop-start, d]
+        labels    int64[stop-start]        (−1 for unlabeled samples)
+        indices   int64[stop-start]        positions in the image source
+        metadata  key digest, split hash, start, stop, sha256 of the three tensors' bytes
+
+Positions [0, N) of a split are cut into fixed chunks of `chunk_size`; ranks own contiguous runs of whole
+chunks (`shard_bounds` over chunk ids) and batches never cross a chunk boundary, so the chunk files are
+byte-identical whatever the number of ranks, and a rerun skips every chunk already written and valid.
+Chunks are written to a temporary name and renamed, so a chunk file is either complete or absent.
+
+The cache key is (model name, weights sha256, eval-transform description, storage dtype); a split also
+carries the sha256 of its split file (or of its indices and labels). An existing cache with another key
+is never overwritten unless `overwrite=True`. The cache directory must be visible to every rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from selmix_dist import distributed as dist
+from selmix_dist.data.backbones import FrozenBackbone
+
+__all__ = [
+    "CacheKey",
+    "ExtractStats",
+    "FeatureSplit",
+    "MANIFEST",
+    "extract_features",
+    "load_features",
+    "read_manifest",
+    "split_content_sha256",
+]
+
+MANIFEST = "manifest.json"
+FORMAT = "selmix_dist.feature_cache/1"
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """What determines the cached features (besides the split itself)."""
+
+    model: str
+    weights_sha256: str
+    transform: str
+    dtype: str
+
+    @classmethod
+    def for_backbone(cls, backbone: FrozenBackbone, dtype: str = "float16") -> CacheKey:
+        if dtype not in DTYPES:
+            raise ValueError(f"feature dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        return cls(backbone.name, backbone.weights_sha256, backbone.transform_description(), dtype)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class FeatureSplit:
+    """features float32[N,d], labels int64[N] (−1 = unlabeled), indices int64[N] (source positions)."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+
+@dataclass
+class ExtractStats:
+    """Outcome of one `extract_features` call, summed over ranks."""
+
+    split: str
+    num_samples: int
+    chunks: int
+    chunks_written: int
+    chunks_skipped: int
+    images_extracted: int
+    seconds: float
+    noop: bool
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images_extracted / self.seconds if self.seconds > 0 else 0.0
+
+
+def split_content_sha256(indices: torch.Tensor, labels: torch.Tensor) -> str:
+    """Hash of a split given as source positions int64[N] and labels int64[N] (when there is no file)."""
+    digest = hashlib.sha256()
+    for t in (indices, labels):
+        digest.update(np.ascontiguousarray(t.to(torch.int64).numpy()).tobytes())
+        digest.update(b"|")
+    return digest.hexdigest()
+
+
+def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
+    path = Path(cache_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no feature cache at {cache_dir}: {path} does not exist")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"feature-cache manifest {path} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} manifest")
+    return manifest
+
+
+def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _key_differences(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
+    return [f"{k}: cache has {str(found.get(k))[:80]!r}, requested {str(v)[:80]!r}"
+            for k, v in expected.items() if found.get(k) != v]
+
+
+def _chunk_name(start: int, stop: int) -> str:
+    return f"chunk-{start:09d}-{stop:09d}.safetensors"
+
+
+def _tensor_sha256(features: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> str:
+    digest = hashlib.sha256()
+    for t in (features, labels, indices):
+        digest.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _read_chunk(path: Path, meta_expect: dict[str, str], verify: bool = True) -> dict[str, torch.Tensor]:
+    """Tensors of one chunk file after checking its metadata (and, if `verify`, its data checksum).
+
+    FileNotFoundError / ValueError name the file.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"feature chunk {path} is missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in ("features", "labels", "indices")}
+    except Exception as e:  # noqa: BLE001 - any decode failure means a damaged file
+        raise ValueError(f"feature chunk {path} is unreadable (corrupt or truncated): {e}") from e
+    wrong = {k: (meta.get(k), v) for k, v in meta_expect.items() if meta.get(k) != v}
+    if wrong:
+        raise ValueError(f"feature chunk {path} belongs to another cache/split: "
+                         f"metadata (found, expected) {wrong}")
+    digest = _tensor_sha256(tensors["features"], tensors["labels"], tensors["indices"]) if verify else None
+    if verify and digest != meta.get("sha256"):
+        raise ValueError(f"feature chunk {path} is corrupt: its data does not match its sha256")
+    return tensors
+
+
+class _Images(Dataset):
+    """Split position -> resized, cropped image uint8[3,H,W] (labels are never read here)."""
+
+    def __init__(self, source: Any, indices: np.ndarray, transform: Any):
+        self.source, self.indices, self.transform = source, indices, transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, pos: int) -> torch.Tensor:
+        image, _ = self.source[int(self.indices[pos])]
+        return self.transform(image)
+
+
+def _chunks_present(split_dir: Path, chunks: list[dict[str, Any]]) -> bool:
+    """Every chunk file of a finished split exists with its recorded size (cheap; no checksum)."""
+    return all((split_dir / c["file"]).is_file() and (split_dir / c["file"]).stat().st_size == c["bytes"]
+               for c in chunks)
+
+
+def _prepare(out_dir: Path, split: str, key: CacheKey, split_sha256: str, n: int, chunk_size: int,
+             num_features: int, overwrite: bool) -> tuple[str, dict[str, Any]]:
+    """Rank 0: check the cache against the key, clear it when `overwrite`, record this split as started.
+
+    Returns ("done", manifest) when the split is complete and its files are present, else ("run", manifest).
+    """
+    header = {"format": FORMAT, "key": asdict(key), "key_digest": key.digest(), "chunk_size": chunk_size,
+              "num_features": num_features}
+    entry_key = {"split_sha256": split_sha256, "num_samples": n}
+    path = out_dir / MANIFEST
+    manifest = read_manifest(out_dir) if path.exists() else None
+    if manifest is None and not overwrite and any((out_dir / split).glob("chunk-*.safetensors")):
+        raise ValueError(f"{out_dir / split} holds feature chunks but {path} is missing; "
+                         "use another --out, or overwrite=True to replace them")
+    if manifest is not None:
+        diffs = _key_differences(header, manifest)
+        old = manifest.get("splits", {}).get(split)
+        split_diffs = _key_differences(entry_key, old) if old else []
+        if diffs or split_diffs:
+            if not overwrite:
+                raise ValueError(
+                    f"feature cache {out_dir} was built with another key ({'; '.join(diffs + split_diffs)}); "
+                    "use another --out, or overwrite=True to replace it")
+            for name in list(manifest.get("splits", {})) if diffs else [split]:
+                shutil.rmtree(out_dir / name, ignore_errors=True)
+                manifest["splits"].pop(name, None)
+            if diffs:
+                manifest = None
+        elif old and old.get("complete") and _chunks_present(out_dir / split, old["chunks"]):
+            return "done", manifest
+    manifest = manifest or {**header, "splits": {}}
+    manifest["splits"][split] = {**entry_key, "complete": False, "chunks": []}
+    (out_dir / split).mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(path, manifest)
+    return "run", manifest
+
+
+def extract_features(
+    source: Any,
+    indices: torch.Tensor | Sequence[int] | None,
+    labels: torch.Tensor | Sequence[int] | None,
+    backbone: FrozenBackbone,
+    out_dir: str | Path,
+    split: str,
+    *,
+    batch_size: int = 256,
+    dtype: str = "float16",
+    num_workers: int = 2,
+    accelerator: Any = None,
+    device: str | torch.device | None = None,
+    split_sha256: str | None = None,
+    chunk_size: int = 2048,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ExtractStats:
+    """Extract `backbone` features of one split into `out_dir/split/` (call on every rank).
+
+    source: ImageSource (`src[i] -> (PIL RGB, label)`, `labels()`); indices: int64[N] positions of the
+    split in `source` (None = all of it); labels: int64[N] stored labels (None = `source.labels()[indices]`;
+    pass −1s for an unlabeled split); split_sha256: sha256 of the split file (None = hash of indices and
+    labels). The backbone is moved to `accelerator.device`, else `device`, else cuda:LOCAL_RANK / cpu.
+    Returns stats summed over ranks; a rerun with the same key and split does nothing (noop=True).
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if batch_size < 1 or chunk_size < 1:
+        raise ValueError(f"batch_size ({batch_size}) and chunk_size ({chunk_size}) must be >= 1")
+    if not split or "/" in split or split.startswith("."):
+        raise ValueError(f"invalid split name {split!r}")
+    t0 = time.perf_counter()
+    if indices is None:
+        idx = torch.arange(len(source))
+    else:
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
+    if idx.ndim != 1:
+        raise ValueError(f"split {split!r}: indices must be 1-D, got shape {tuple(idx.shape)}")
+    if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(source)):
+        raise ValueError(f"split {split!r}: indices outside [0, {len(source)}) of the source")
+    if labels is None:
+        lab = torch.as_tensor(np.asarray(source.labels()), dtype=torch.int64)[idx]
+    else:
+        lab = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    if lab.shape != idx.shape:
+        raise ValueError(f"split {split!r}: {len(lab)} labels for {len(idx)} indices")
+    key = CacheKey.for_backbone(backbone, dtype)
+    split_sha256 = split_sha256 or split_content_sha256(idx, lab)
+    out_dir = Path(out_dir)
+    n = len(idx)
+    rank, world = dist.world_info()
+
+    # Rank 0 decides; every rank learns the decision (or the error) so that none is left waiting.
+    decision: tuple[str, Any]
+    if rank == 0:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            decision = _prepare(out_dir, split, key, split_sha256, n, chunk_size, backbone.num_features,
+                                overwrite)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            decision = ("error", e)
+    else:
+        decision = ("", None)
+    status, payload = dist.broadcast_object(decision)
+    if status == "error":
+        raise payload
+    num_chunks = -(-n // chunk_size)
+    if status == "done":
+        return ExtractStats(split, n, num_chunks, 0, num_chunks, 0, time.perf_counter() - t0, True)
+
+    meta_base = {"key_digest": key.digest(), "split": split, "split_sha256": split_sha256}
+    c0, c1 = dist.shard_bounds(num_chunks, rank, world)
+    pending: list[tuple[int, int]] = []
+    skipped = 0
+    for c in range(c0, c1):
+        start, stop = c * chunk_size, min((c + 1) * chunk_size, n)
+        path = out_dir / split / _chunk_name(start, stop)
+        try:
+            _read_chunk(path, {**meta_base, "start": str(start), "stop": str(stop)})
+            skipped += 1
+        except (ValueError, FileNotFoundError):
+            pending.append((start, stop))  # absent or damaged: (re)compute it
+
+    device = torch.device(accelerator.device if accelerator is not None else device or (
+        f"cuda:{dist.local_rank()}" if torch.cuda.is_available() else "cpu"))
+    backbone.to(device)
+    # Batches start at chunk starts, so batch composition (hence every float) is independent of world size.
+    batches = [list(range(b, min(b + batch_size, stop))) for start, stop in pending
+               for b in range(start, stop, batch_size)]
+    images_u8 = _Images(source, idx.numpy(), backbone.transform(train=False, normalize=False))
+    loader = DataLoader(images_u8, batch_sampler=batches,
+                        num_workers=num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=False)
+    store = DTYPES[dtype]
+    bar = tqdm(total=sum(b - a for a, b in pending), desc=f"features {split}", unit="img",
+               disable=not progress or rank != 0)
+    chunk_iter = iter(pending)
+    start, stop = next(chunk_iter, (0, 0))
+    buf = torch.empty(stop - start, backbone.num_features, dtype=store)
+    filled = 0
+    for images in loader:
+        feats = backbone(backbone.normalize(images.to(device, non_blocking=True))).to(store).cpu()
+        buf[filled:filled + len(feats)] = feats
+        filled += len(feats)
+        bar.update(len(feats))
+        if filled == stop - start:
+            _write_chunk(out_dir / split, start, stop, buf, lab[start:stop], idx[start:stop], meta_base)
+            start, stop = next(chunk_iter, (0, 0))
+            buf = torch.empty(stop - start, backbone.num_features, dtype=store)
+            filled = 0
+    bar.close()
+
+    counts = dist.all_reduce_sum(torch.tensor([len(pending), skipped, sum(b - a for a, b in pending)]))
+    dist.barrier()  # every chunk is on disk before rank 0 seals the manifest
+    if rank == 0:
+        chunks = []
+        for c in range(num_chunks):
+            a, b = c * chunk_size, min((c + 1) * chunk_size, n)
+            path = out_dir / split / _chunk_name(a, b)
+            with safe_open(str(path), framework="pt") as f:
+                digest = (f.metadata() or {})["sha256"]
+            chunks.append({"file": path.name, "start": a, "stop": b, "sha256": digest,
+                           "bytes": path.stat().st_size})
+        manifest = read_manifest(out_dir)
+        manifest["splits"][split].update(complete=True, chunks=chunks)
+        _write_json_atomic(out_dir / MANIFEST, manifest)
+    dist.barrier()
+    written, kept, images = (int(v) for v in counts)
+    return ExtractStats(split, n, num_chunks, written, kept, images, time.perf_counter() - t0, False)
+
+
+_SAFETENSORS_DTYPES = {torch.float16: "F16", torch.float32: "F32", torch.int64: "I64"}
+
+
+def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file with a canonical header (sorted keys, no spaces).
+
+    safetensors' own writer orders `__metadata__` by a hash map, so two processes writing the same chunk
+    would produce different bytes; this writer makes chunk files byte-identical across runs and ranks.
+    """
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset, blobs = 0, []
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        blob = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+        blobs.append(blob)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to an 8-byte boundary with spaces
+    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
+
+
+def _write_chunk(split_dir: Path, start: int, stop: int, features: torch.Tensor, labels: torch.Tensor,
+                 indices: torch.Tensor, meta_base: dict[str, str]) -> None:
+    meta = {**meta_base, "start": str(start), "stop": str(stop),
+            "sha256": _tensor_sha256(features, labels, indices)}
+    data = _safetensors_bytes({"features": features, "labels": labels, "indices": indices}, meta)
+    final = split_dir / _chunk_name(start, stop)
+    tmp = split_dir / f".{final.name}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def load_features(cache_dir: str | Path, split: str, *, key: CacheKey | None = None,
+                  split_sha256: str | None = None, verify: bool = True) -> FeatureSplit:
+    """The cached split as float32 features [N,d] (upcast from float16), labels and source indices.
+
+    key / split_sha256: when given, the cache must have been built with exactly these (ValueError
+    listing the differing fields otherwise). verify: check every chunk's sha256 (reads all bytes once).
+    A missing chunk raises FileNotFoundError, a corrupt one ValueError, both naming the chunk file.
+    """
+    cache_dir = Path(cache_dir)
+    manifest = read_manifest(cache_dir)
+    if key is not None:
+        diffs = _key_differences(asdict(key), manifest["key"])
+        if diffs:
+            raise ValueError(f"feature cache {cache_dir} does not match the requested key: "
+                             f"{'; '.join(diffs)}")
+    entry = manifest["splits"].get(split)
+    if entry is None:
+        raise ValueError(f"feature cache {cache_dir} has no split {split!r} "
+                         f"(it has {sorted(manifest['splits'])})")
+    if not entry["complete"]:
+        raise ValueError(f"split {split!r} in feature cache {cache_dir} is incomplete; rerun the extraction")
+    if split_sha256 is not None and entry["split_sha256"] != split_sha256:
+        raise ValueError(f"split {split!r} in feature cache {cache_dir} was extracted from another "
+                         f"split file (sha256 {entry['split_sha256'][:12]}…, requested {split_sha256[:12]}…)")
+    n, d = entry["num_samples"], manifest["num_features"]
+    features = torch.empty(n, d, dtype=torch.float32)
+    labels = torch.empty(n, dtype=torch.int64)
+    indices = torch.empty(n, dtype=torch.int64)
+    meta_base = {"key_digest": manifest["key_digest"], "split": split, "split_sha256": entry["split_sha256"]}
+    for c in entry["chunks"]:
+        path = cache_dir / split / c["file"]
+        a, b = c["start"], c["stop"]
+        t = _read_chunk(path, {**meta_base, "start": str(a), "stop": str(b), "sha256": c["sha256"]}, verify)
+        if tuple(t["features"].shape) != (b - a, d):
+            raise ValueError(f"feature chunk {path} has shape {tuple(t['features'].shape)}, "
+                             f"expected {(b - a, d)}")
+        features[a:b] = t["features"]
+        labels[a:b] = t["labels"]
+        indices[a:b] = t["indices"]
+    return FeatureSplit(features, labels, indices)

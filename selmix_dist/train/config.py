@@ -1,0 +1,274 @@
+"""Experiment configuration: typed sections, YAML files, `section.key=value` overrides.
+
+Every key carries its documentation (`doc(...)` metadata); `describe()` prints the full reference and a
+test asserts that no key is undocumented. Unknown keys are rejected with the closest valid name, so a
+typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with its documentation attached."""
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass
+class RunConfig:
+    dir: str = doc("Run directory: resolved config, TensorBoard events, checkpoints, report.", "runs/default")
+    seed: int = doc("Seed; every random draw is a pure function of (seed, rank, step).", 0)
+    steps: int = doc("Total SGD steps (the cosine schedule spans them).", 10000)
+    refresh_every: int = doc("Steps between refreshes of C, prototypes, multipliers, G and P.", 50)
+    test_every: int = doc("Steps between test-set evaluations (0: only at start and end).", 500)
+    checkpoint_every: int = doc("Steps between checkpoints (0: only at the end and on signals).", 500)
+    keep_checkpoints: int = doc("How many step checkpoints to keep (the best one is kept separately).", 2)
+    resume: str = doc("'auto' (latest valid checkpoint in run.dir, else start), 'never', or a checkpoint path.",
+                      "auto")
+    early_stop: bool = doc("Stop when the max gain is stable (method doc §3.7), decided identically on all ranks.",
+                           False)
+    early_stop_window: int = doc("Refreshes in the early-stop window.", 10)
+    early_stop_tol: float = doc("Relative tolerance of the early-stop test.", 0.05)
+    signal_poll_every: int = doc("Steps between cross-rank checks for SIGTERM/SIGUSR1.", 10)
+    requeue: bool = doc("On SIGUSR1/SIGTERM under SLURM, requeue the job after checkpointing.", False)
+    overwrite: bool = doc("Allow starting fresh in a run directory that already has checkpoints.", False)
+
+
+@dataclass
+class DataConfig:
+    features: str = doc("Feature-cache directory (mode 'features'), written by tools/extract_features.py.", "")
+    split_dir: str = doc("Split directory of tools/make_lt_split.py: class names; the images in mode 'online'.",
+                         "")
+    labeled_split: str = doc("Name of the labeled split.", "labeled")
+    unlabeled_split: str = doc("Name of the unlabeled split (partners in the semi-supervised setting).",
+                               "unlabeled")
+    val_split: str = doc("Name of the validation split (drives C, prototypes and the gain).", "val")
+    test_split: str = doc("Name of the test split ('' for none).", "test")
+    num_classes: int = doc("Expected number of classes K (0: take it from the data; else must match).", 0)
+    head_fraction: float = doc("Fraction of classes, by train frequency, that form the head set.", 0.9)
+    eval_batch_size: int = doc("Batch size for validation, test and pseudo-labelling passes.", 4096)
+
+
+@dataclass
+class ModelConfig:
+    mode: str = doc("'features' (steps on cached features) or 'online' (frozen backbone forward each step).",
+                    "features")
+    backbone: str = doc("timm model name (mode 'online').", "tf_efficientnet_lite0")
+    weights: str = doc("Backbone weights (mode 'online'): 'lite', 'timm', 'none' or a checkpoint path.", "lite")
+    init_head: str = doc("Starting head: 'la' / 'ce' (fit on labeled features), 'fixmatch_la' "
+                         "(self-training on unlabeled features), 'zeros', or a path to a saved head.", "la")
+    init_head_steps: int = doc("Optimisation steps used to fit the starting head.", 300)
+
+
+@dataclass
+class SelMixConfig:
+    setting: str = doc("'semi' (partners: unlabeled, by pseudo-label) or 'supervised' (partners: labeled).",
+                       "semi")
+    temperature: float = doc("T of P = softmax(G / T) (inverse temperature s = 1/T).", 0.1)
+    eps: float = doc("ε added to every entry of P before renormalising.", 1e-8)
+    positive_only: bool = doc("Keep only pairs with positive gain (uniform if none).", True)
+    uniform: bool = doc("Ignore the gain and draw pairs uniformly (the plain-mixup baseline).", False)
+    gain_variant: str = doc("'exact' (mixed prototype in both terms) or 'official' (reproduces the release).",
+                            "exact")
+    include_bias: bool = doc("Model the bias update in the gain.", False)
+    prior: str = doc("Class prior in dC/dA: 'balanced' (K) or 'empirical' (validation row sums).", "balanced")
+    mixup_min: float = doc("λ ~ U[mixup_min, 1]; the gain uses the mean (mixup_min + 1) / 2.", 0.6)
+    pseudo_threshold: float = doc("Confidence threshold for pseudo-labels (0: plain argmax).", 0.0)
+    pseudo_logit_adjust: float = doc("τ of logit adjustment applied before pseudo-labelling (0: none).", 0.0)
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = doc("Objective (selmix_dist.core.OBJECTIVES), e.g. min_recall, h_mean, "
+                    "mean_recall_min_coverage.", "min_recall")
+    params: dict = doc("Objective hyper-parameters passed to build_objective (e.g. {omega: 50, beta: 0}).",
+                       default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    batch_size: int = doc("Pairs per step per rank.", 64)
+    lr: float = doc("Head learning rate.", 3e-4)
+    momentum: float = doc("SGD momentum (the release uses none).", 0.0)
+    weight_decay: float = doc("Weight decay on the head weight (never on the bias).", 5e-4)
+    schedule: str = doc("'cosine' (to 0 over run.steps) or 'constant'.", "cosine")
+    warmup_steps: int = doc("Linear warm-up steps.", 0)
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = doc("Write TensorBoard events (rank 0 only) under run.dir/tb.", True)
+    log_every: int = doc("Steps between loss / lr scalars.", 10)
+    image_every: int = doc("Refreshes between P and G heatmap images.", 10)
+    progress: bool = doc("tqdm progress bar on rank 0.", True)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    selmix: SelMixConfig = field(default_factory=SelMixConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    ("model", "mode"): ("features", "online"),
+    ("selmix", "setting"): ("semi", "supervised"),
+    ("selmix", "gain_variant"): ("exact", "official"),
+    ("selmix", "prior"): ("balanced", "empirical"),
+    ("optim", "schedule"): ("cosine", "constant"),
+}
+
+
+def all_keys() -> dict[str, str]:
+    """Every dotted key with its documentation."""
+    out = {}
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.default_factory()):
+            out[f"{section.name}.{f.name}"] = f.metadata.get("doc", "")
+    return out
+
+
+def describe() -> str:
+    """The configuration reference: one line per key with default and documentation."""
+    default = Config().to_dict()
+    lines = []
+    for key, text in all_keys().items():
+        sec, name = key.split(".")
+        lines.append(f"{key} = {default[sec][name]!r}\n    {text}")
+    return "\n".join(lines)
+
+
+def _closest(name: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(name, valid, n=1, cutoff=0.0)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _coerce(key: str, value: Any, current: Any) -> Any:
+    if isinstance(current, bool):
+        if isinstance(value, str):
+            low = value.lower()
+            if low in ("true", "1", "yes", "on"):
+                return True
+            if low in ("false", "0", "no", "off"):
+                return False
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"config key '{key}' expects true/false, got {value!r}")
+    if isinstance(current, int):
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and _is_int(value))):
+            raise ValueError(f"config key '{key}' expects an integer, got {value!r}")
+        return int(value)
+    if isinstance(current, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"config key '{key}' expects a number, got {value!r}") from None
+    if isinstance(current, dict):
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ValueError(f"config key '{key}' expects a mapping, got {value!r}")
+        return value
+    if isinstance(current, str):
+        return "" if value is None else str(value)
+    raise AssertionError(f"unhandled config type for {key}")
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _apply(cfg: Config, key: str, value: Any, origin: str) -> None:
+    parts = key.split(".")
+    sections = [f.name for f in dataclasses.fields(Config)]
+    if parts[0] not in sections:
+        raise ValueError(f"{origin}: unknown config section '{parts[0]}'{_closest(parts[0], sections)}")
+    section = getattr(cfg, parts[0])
+    names = [f.name for f in dataclasses.fields(section)]
+    if len(parts) == 3 and parts[1] == "params" and parts[0] == "objective":
+        section.params[parts[2]] = yaml.safe_load(value) if isinstance(value, str) else value
+        return
+    if len(parts) != 2 or parts[1] not in names:
+        name = parts[1] if len(parts) > 1 else ""
+        valid = [f"{parts[0]}.{n}" for n in names]
+        raise ValueError(f"{origin}: unknown config key '{key}'{_closest(f'{parts[0]}.{name}', valid)}")
+    coerced = _coerce(key, value, getattr(section, parts[1]))
+    choices = _CHOICES.get((parts[0], parts[1]))
+    if choices and coerced not in choices:
+        raise ValueError(f"{origin}: config key '{key}' must be one of {list(choices)}, got {coerced!r}")
+    setattr(section, parts[1], coerced)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file (sections of keys), then `section.key=value` overrides, validated."""
+    cfg = Config()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: the top level must be a mapping of sections")
+        for sec, values in raw.items():
+            if not isinstance(values, dict):
+                raise ValueError(f"{path}: section '{sec}' must be a mapping of keys")
+            for key, value in values.items():
+                _apply(cfg, f"{sec}.{key}", value, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override '{item}' is not of the form section.key=value")
+        key, value = item.split("=", 1)
+        _apply(cfg, key.strip(), yaml.safe_load(value) if value.strip() else "", "command line")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that do not need the data."""
+    positive = {
+        "run.steps": cfg.run.steps >= 0,
+        "run.refresh_every": cfg.run.refresh_every > 0,
+        "run.signal_poll_every": cfg.run.signal_poll_every > 0,
+        "optim.batch_size": cfg.optim.batch_size > 0,
+        "optim.lr": cfg.optim.lr > 0,
+        "selmix.temperature": cfg.selmix.temperature > 0,
+        "data.eval_batch_size": cfg.data.eval_batch_size > 0,
+    }
+    for key, ok in positive.items():
+        if not ok:
+            raise ValueError(f"config key '{key}' must be positive")
+    if not 0.0 <= cfg.selmix.mixup_min <= 1.0:
+        raise ValueError("config key 'selmix.mixup_min' must lie in [0, 1]")
+    if not 0.0 < cfg.data.head_fraction < 1.0:
+        raise ValueError("config key 'data.head_fraction' must lie in (0, 1)")
+    if cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).exists():
+        raise ValueError(f"config key 'run.resume': checkpoint {cfg.run.resume} does not exist")
+    from selmix_dist.core import OBJECTIVES
+
+    if cfg.objective.name not in OBJECTIVES:
+        raise ValueError(f"config key 'objective.name': unknown objective '{cfg.objective.name}'"
+                         f"{_closest(cfg.objective.name, sorted(OBJECTIVES))}")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

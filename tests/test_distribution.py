@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import softmax
+
+from selmix_dist.core.distribution import GainConvergence, restrict_support, selmix_distribution
+
+
+def _reference(G: np.ndarray, temperature: float, eps: float) -> np.ndarray:
+    sigma = softmax(G / temperature)  # scipy: no axis = jointly over all entries, as the release
+    p = sigma * (G > 0) + eps
+    return p / p.sum()
+
+
+@pytest.mark.parametrize("temperature,eps", [(0.1, 1e-8), (1.0, 0.0), (0.01, 1e-3)])
+def test_distribution_matches_reference(temperature: float, eps: float) -> None:
+    G = np.random.default_rng(0).normal(size=(9, 9)) * 0.3
+    P = selmix_distribution(torch.from_numpy(G), temperature=temperature, eps=eps)
+    assert P.dtype == torch.float64 and P.shape == (9, 9)
+    assert bool((P >= 0).all()) and float(P.sum()) == pytest.approx(1.0, abs=1e-12)
+    np.testing.assert_allclose(P.numpy(), _reference(G, temperature, eps), rtol=1e-10, atol=1e-300)
+    if eps == 0:
+        assert bool((P[torch.from_numpy(G) <= 0] == 0).all())
+
+
+def test_uniform_when_no_gain_is_positive() -> None:
+    G = -torch.rand(5, 5, dtype=torch.float64)
+    G[2, 3] = 0.0  # zero is not a positive gain
+    for eps in (1e-8, 0.0):
+        P = selmix_distribution(G, eps=eps)
+        torch.testing.assert_close(P, torch.full((5, 5), 1 / 25, dtype=torch.float64), rtol=0, atol=1e-15)
+
+
+def test_not_positive_only_is_plain_softmax() -> None:
+    G = torch.tensor([[0.1, -0.2], [0.0, 0.3]], dtype=torch.float64)
+    P = selmix_distribution(G, temperature=0.5, eps=0.0, positive_only=False)
+    expected = softmax(G.numpy().ravel() / 0.5).reshape(2, 2)
+    np.testing.assert_allclose(P.numpy(), expected, rtol=1e-12)
+
+
+def test_large_gains_do_not_overflow() -> None:
+    G = torch.tensor([[1e4, 2e4], [-1e4, 0.5]], dtype=torch.float64)
+    P = selmix_distribution(G, temperature=0.01)
+    assert bool(torch.isfinite(P).all())
+    assert float(P[0, 1]) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_temperature_raises(temperature: float) -> None:
+    with pytest.raises(ValueError, match="temperature"):
+        selmix_distribution(torch.zeros(3, 3), temperature=temperature)
+
+
+def test_bad_gain_raises() -> None:
+    with pytest.raises(ValueError, match="G contains NaN"):
+        selmix_distribution(torch.tensor([[0.0, float("nan")], [1.0, 2.0]]))
+    with pytest.raises(ValueError, match="G must be a square"):
+        selmix_distribution(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="eps"):
+        selmix_distribution(torch.zeros(2, 2), eps=-1.0)
+
+
+def test_restrict_support_by_hand() -> None:
+    P = torch.tensor([[0.1, 0.2, 0.3], [0.05, 0.05, 0.1], [0.1, 0.0, 0.1]], dtype=torch.float64)
+    label_ok = torch.tensor([True, False, True])
+    partner_ok = torch.tensor([True, True, False])
+    out = restrict_support(P, label_ok, partner_ok)
+    kept = 0.1 + 0.2 + 0.1 + 0.0
+    expected = torch.tensor([[0.1, 0.2, 0], [0, 0, 0], [0.1, 0.0, 0]], dtype=torch.float64) / kept
+    torch.testing.assert_close(out, expected, rtol=1e-14, atol=0)
+    # no mass on the allowed pairs: uniform over them
+    P = torch.zeros(3, 3, dtype=torch.float64)
+    P[1, 2] = 1.0
+    out = restrict_support(P, label_ok, partner_ok)
+    assert out[label_ok][:, partner_ok].flatten().tolist() == [0.25] * 4
+    assert float(out.sum()) == 1.0
+    with pytest.raises(ValueError, match="no allowed pair"):
+        restrict_support(P, torch.zeros(3, dtype=torch.bool), partner_ok)
+
+
+def test_gain_convergence_rule() -> None:
+    conv = GainConvergence(window=3, rel_tol=0.05)
+    # no sentinel: the first window-1 updates can never converge
+    assert [conv.update(v) for v in (1.0, 1.0, 1.0)] == [False, False, True]
+    conv = GainConvergence(window=3, rel_tol=0.05)
+    results = [conv.update(v) for v in (1.0, 2.0, 3.0, 3.0, 3.1, 3.05)]
+    # windows: [1,2,3] mean 2 vs 3 → no; [2,3,3] mean 8/3, |8/3−3| = 1/3 ≥ 0.133 → no;
+    # [3,3,3.1] mean 3.0333, |diff| 0.0667 < 0.1517 → yes; [3,3.1,3.05] mean 3.05, diff 0 → yes
+    assert results == [False, False, False, False, True, True]
+    restored = GainConvergence()
+    restored.load_state_dict(conv.state_dict())
+    assert restored.history == conv.history and restored.window == 3
+    assert restored.update(3.05) is True
+    with pytest.raises(ValueError, match="max_gain"):
+        conv.update(float("nan"))
+    with pytest.raises(ValueError, match="window"):
+        GainConvergence(window=0)
+    with pytest.raises(ValueError, match="keys"):
+        restored.load_state_dict({"window": 3})

@@ -1,0 +1,193 @@
+"""The distributed trainer: crash/resume equality, signals, rank agreement, TensorBoard, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tests" / "scripts" / "synthetic_run.py"
+ACCELERATE = Path(sys.executable).parent / "accelerate"
+COMMON = ["run.steps=60", "run.refresh_every=10", "run.checkpoint_every=20", "run.test_every=30",
+          "run.signal_poll_every=5", "objective.name=min_recall", "model.init_head=la",
+          "model.init_head_steps=50", "optim.lr=0.05", "optim.batch_size=32", "data.eval_batch_size=64"]
+
+
+def run_script(run_dir: Path, *args: str, procs: int = 1, accelerate_config: str | None = None,
+               timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if procs == 1:
+        cmd = [sys.executable, str(SCRIPT)]
+    else:
+        env["ACCELERATE_USE_CPU"] = "1"
+        launch = (["--config_file", accelerate_config] if accelerate_config else
+                  ["--multi_gpu", "--num_processes", str(procs), "--num_machines", "1", "--mixed_precision", "no",
+                   "--dynamo_backend", "no", "--main_process_port", "0"])
+        cmd = [str(ACCELERATE), "launch", *launch, str(SCRIPT)]
+    return subprocess.run([*cmd, str(run_dir), *COMMON, *args], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def final_head(run_dir: Path) -> dict:
+    return torch.load(run_dir / "final_head.pt", weights_only=False)
+
+
+def history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("reference")
+    ok(run_script(run_dir))
+    return run_dir
+
+
+def test_kill9_then_resume_is_bitwise_identical(reference_run, tmp_path):
+    killed = run_script(tmp_path, "--kill-at", "37")
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "final_head.pt").exists()
+    assert (tmp_path / "checkpoints" / "step_00000020.pt").exists()
+    ok(run_script(tmp_path))
+    ref, got = final_head(reference_run), final_head(tmp_path)
+    assert torch.equal(ref["weight"], got["weight"]) and torch.equal(ref["bias"], got["bias"])
+    # The resumed history has no duplicate or missing evaluation and matches the uninterrupted run.
+    assert history(tmp_path) == history(reference_run)
+
+
+def test_sigusr1_checkpoints_at_next_boundary_and_exits_zero(reference_run, tmp_path):
+    proc = ok(run_script(tmp_path, "--signal-at", "23"))
+    steps = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*.pt"))
+    assert steps[-1] == "step_00000025.pt"  # the next poll boundary after the signal
+    assert torch.load(tmp_path / "final_head.pt", weights_only=False)["summary"]["stopped_by"] == "signal"
+    assert not (tmp_path / "report.json").exists(), proc.stdout
+    ok(run_script(tmp_path))
+    assert torch.equal(final_head(reference_run)["weight"], final_head(tmp_path)["weight"])
+
+
+def test_run_directory_and_tensorboard(reference_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    report = json.loads((reference_run / "report.json").read_text())
+    assert report  # the report module's content is tested in test_report.py
+    acc = EventAccumulator(str(reference_run / "tb"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ("train/loss", "train/lr", "val/min_recall", "test/min_recall", "selmix/max_gain",
+                "selmix/entropy_P", "val/per_class_recall/class_000", "pseudo_labels/count/class_000",
+                "multipliers/lambda/class_000"):
+        assert tag in tags["scalars"], tag
+    assert {"selmix/P", "selmix/G"} <= set(tags["images"])
+    val_steps = [e.step for e in acc.Scalars("val/min_recall")]
+    assert val_steps == [0, 10, 20, 30, 40, 50, 60]
+    lr = {e.step: e.value for e in acc.Scalars("train/lr")}  # cosine over 60 steps from 0.05
+    assert sorted(lr) == list(range(9, 60, 10))
+    for step, value in lr.items():
+        assert value == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * step / 60)), rel=1e-6)
+    # The history agrees with TensorBoard and the best checkpoint is chosen on validation only.
+    val = [h for h in history(reference_run) if h["split"] == "val"]
+    best = max(val, key=lambda h: h["metrics"]["min_recall"])
+    assert torch.load(reference_run / "checkpoints" / "best.pt", weights_only=True)["step"] == best["step"]
+
+
+def test_resumed_tensorboard_steps_continue(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert run_script(tmp_path, "--kill-at", "45").returncode == -signal.SIGKILL
+    ok(run_script(tmp_path))
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert steps == list(range(9, 60, 10))
+
+
+def _tree_digest(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("objective.name=h_mean", "objective='min_recall'"),
+    ("run.resume=never", "already holds checkpoints"),
+])
+def test_resume_mismatch_is_refused_and_nothing_is_overwritten(reference_run, override, message):
+    before = _tree_digest(reference_run)
+    proc = run_script(reference_run, override)
+    assert proc.returncode != 0 and message in proc.stderr
+    assert _tree_digest(reference_run) == before
+
+
+def test_resume_with_other_number_of_classes_is_refused(reference_run):
+    proc = run_script(reference_run, "--classes", "5")
+    assert proc.returncode != 0 and "num_classes=6" in proc.stderr
+
+
+def test_data_errors(tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    from synthetic_run import synthetic_data
+
+    from selmix_dist.train.config import load_config
+    from selmix_dist.train.featuresets import FeatureSet
+    from selmix_dist.train.trainer import Trainer
+
+    cfg = load_config(None, [f"run.dir={tmp_path}", "data.num_classes=7"])
+    with pytest.raises(ValueError, match="data.num_classes=7 but the data has 6"):
+        Trainer(cfg, synthetic_data())
+    data = synthetic_data()
+    keep = data.val.labels != 3
+    data.val = FeatureSet(data.val.features[keep], data.val.labels[keep], "val")
+    data.class_names = [f"c{i}" for i in range(6)]
+    with pytest.raises(ValueError, match=r"split 'val' has no sample of class\(es\) \['c3'\]"):
+        Trainer(load_config(None, [f"run.dir={tmp_path}"]), data)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_two_processes_agree_with_one_at_first_refresh(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    ok(run_script(tmp_path / "r1", "--dump-refresh", str(one)))
+    ok(run_script(tmp_path / "r2", "--dump-refresh", str(two), procs=2))
+    a = torch.load(f"{one}.rank0", weights_only=True)
+    b0, b1 = (torch.load(f"{two}.rank{r}", weights_only=True) for r in (0, 1))
+    for b in (b0, b1):
+        assert torch.equal(a["counts"], b["counts"])
+        assert torch.equal(a["partner_labels"], b["partner_labels"])
+        # Feature sums are reduced in another order: equal up to float64 rounding.
+        torch.testing.assert_close(a["prototypes"], b["prototypes"], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(a["P"], b["P"], rtol=1e-9, atol=1e-15)
+    assert torch.equal(b0["P"], b1["P"]) and torch.equal(b0["partner_labels"], b1["partner_labels"])
+
+
+@pytest.mark.slow
+def test_two_process_kill9_resume_matches_uninterrupted(tmp_path):
+    ref, crash = tmp_path / "ref", tmp_path / "crash"
+    ok(run_script(ref, procs=2))
+    assert run_script(crash, "--kill-at", "33", procs=2).returncode != 0
+    ok(run_script(crash, procs=2))
+    torch.testing.assert_close(final_head(crash)["weight"], final_head(ref)["weight"], rtol=0, atol=1e-6)
+    # resuming on another number of ranks works too
+    ok(run_script(crash, "run.steps=70", procs=1))
+    assert final_head(crash)["summary"]["step"] == 70
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_smoke_two_cpu_processes(tmp_path):
+    proc = ok(run_script(tmp_path, "run.steps=20", procs=2, timeout=600,
+                         accelerate_config=str(REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml")))
+    head = final_head(tmp_path)
+    assert torch.isfinite(head["weight"]).all() and head["summary"]["step"] == 20, proc.stdout[-2000:]
+    assert (tmp_path / "report.json").exists()

@@ -1,0 +1,200 @@
+"""Benchmark one SelMix refresh of the core maths: update_multipliers + gradient + gain_matrix +
+selmix_distribution, per (objective, K), on synthetic prototypes/head/confusion.
+
+Peak memory is the extra memory the refresh needs on top of its inputs:
+* CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation before the refresh;
+* CPU: peak resident set size (``VmHWM`` of /proc/self/status, reset through /proc/self/clear_refs
+  before each refresh) minus the RSS before it. Where that reset is unavailable it falls back to the
+  growth of ``resource.getrusage().ru_maxrss``, which only sees a new process-wide peak (reported
+  as a lower bound; the ``mem_method`` column says which was used).
+
+    python tools/bench_gain.py --classes 10 100 1000 --dim 2048 --repeats 5 [--device cuda] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from selmix_dist.core import (
+    OBJECTIVES,
+    build_objective,
+    confusion_counts,
+    gain_matrix,
+    head_tail_masks,
+    joint_confusion,
+    selmix_distribution,
+)
+
+# goals for the 2-core development CPU (information only; nothing asserts on time)
+CPU_GOALS_MS = {100: 10.0, 1000: 500.0}
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux ≥ 4.0)
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """Context manager measuring the peak extra memory (bytes) of the enclosed code."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_bytes = 0
+        self.method = ""
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            self.method = "cuda_max_memory_allocated"
+        elif _reset_peak_rss() and _status_kib("VmRSS") is not None:
+            self._base = _status_kib("VmRSS") * 1024
+            self.method = "rss_hwm"
+        else:
+            self._base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self.method = "ru_maxrss_growth(lower_bound)"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.method == "rss_hwm":
+            peak = _status_kib("VmHWM") * 1024
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.peak_bytes = max(0, peak - self._base)
+
+
+def make_inputs(k: int, dim: int, device: torch.device, seed: int):
+    """Prototypes Z [K, d] and head (W, b) float32 on ``device``; joint validation C; head mask."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(k, dim, generator=g).relu_()  # pooled post-ReLU-like features
+    w = torch.randn(k, dim, generator=g) / dim**0.5
+    b = 0.1 * torch.randn(k, generator=g)
+    # validation set: 20 per class; predictions right 60% of the time
+    labels = torch.arange(k).repeat_interleave(20)
+    wrong = torch.randint(0, k, labels.shape, generator=g)
+    preds = torch.where(torch.rand(labels.shape, generator=g) < 0.6, labels, wrong)
+    C = joint_confusion(confusion_counts(labels, preds, k))
+    train_counts = (1000 * 0.01 ** (torch.arange(k) / max(k - 1, 1))).long()  # ρ = 100 long tail
+    head, _ = head_tail_masks(train_counts)
+    return z.to(device), w.to(device), b.to(device), C, head
+
+
+def refresh(obj, z, w, b, C, *, variant: str, include_bias: bool, temperature: float) -> torch.Tensor:
+    obj.update_multipliers(C)
+    psi = obj.gradient(C)
+    G = gain_matrix(z, w, b, C, psi, variant=variant, include_bias=include_bias)
+    return selmix_distribution(G, temperature=temperature)
+
+
+def bench_row(name: str, k: int, args: argparse.Namespace, device: torch.device) -> dict:
+    z, w, b, C, head = make_inputs(k, args.dim, device, args.seed)
+    obj = build_objective(name, k, head=head)
+    kw = {"variant": args.variant, "include_bias": args.include_bias, "temperature": 0.1}
+    refresh(obj, z, w, b, C, **kw)  # warm-up (allocator, kernels, BLAS threads)
+    times = []
+    for _ in range(args.repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        P = refresh(obj, z, w, b, C, **kw)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    with PeakMemory(device) as mem:
+        P = refresh(obj, z, w, b, C, **kw)
+    assert bool(torch.isfinite(P).all())
+    median_ms = statistics.median(times) * 1e3
+    goal = CPU_GOALS_MS.get(k) if device.type == "cpu" else None
+    return {
+        "objective": name,
+        "K": k,
+        "d": args.dim,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "median_ms": round(median_ms, 3),
+        "min_ms": round(min(times) * 1e3, 3),
+        "peak_mib": round(mem.peak_bytes / 2**20, 2),
+        "mem_method": mem.method,
+        "goal_ms": goal,
+        "within_goal": None if goal is None else median_ms <= goal,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--classes", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--dim", type=int, default=2048)
+    parser.add_argument("--objectives", nargs="+", default=sorted(OBJECTIVES), choices=sorted(OBJECTIVES))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda only where available)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--variant", default="exact", choices=["exact", "official"])
+    parser.add_argument("--include-bias", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda requested but CUDA is not available")
+    if args.repeats < 1 or args.dim < 1 or min(args.classes) < 1:
+        parser.error("--repeats, --dim and --classes must be positive")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    header = f"{'objective':36s} {'K':>6s} {'d':>5s} {'median ms':>10s} {'min ms':>9s} {'peak MiB':>9s}  goal"
+    if not args.json:
+        print(
+            f"# device={device} threads={torch.get_num_threads()} variant={args.variant} "
+            f"include_bias={args.include_bias} repeats={args.repeats}"
+        )
+        print(header)
+    for k in args.classes:
+        for name in args.objectives:
+            row = bench_row(name, k, args, device)
+            if args.json:
+                print(json.dumps(row), flush=True)
+            else:
+                goal = (
+                    ""
+                    if row["goal_ms"] is None
+                    else f"≤{row['goal_ms']:g} ms {'ok' if row['within_goal'] else 'MISSED'}"
+                )
+                print(
+                    f"{name:36s} {k:6d} {args.dim:5d} {row['median_ms']:10.2f} {row['min_ms']:9.2f} "
+                    f"{row['peak_mib']:9.1f}  {goal}",
+                    flush=True,
+                )
+    if not args.json:
+        print(f"# peak memory: {row['mem_method']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Extract frozen-backbone features of a split directory (or of a whole image source) into a feature cache.
+
+    # one process
+    python tools/extract_features.py --split-dir runs/cifar10_lt_split --model tf_efficientnet_lite0 \
+        --weights lite --out runs/features/lite0 --splits labeled unlabeled val test
+    # every GPU (or CPU processes: ACCELERATE_USE_CPU=1 ... --multi_gpu --num_processes 2)
+    accelerate launch tools/extract_features.py --split-dir ... --out ...
+    # a whole source as one split
+    python tools/extract_features.py --source-kind imagefolder --source data/cifar10/test --splits test ...
+
+Each rank extracts whole fixed-size chunks of every split, so the cache is the same for any number of
+processes; rerunning is a no-op and an interrupted run resumes (see selmix_dist.data.features).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from selmix_dist import distributed as dist
+from selmix_dist.data.backbones import build_backbone
+from selmix_dist.data.features import DTYPES, extract_features
+from selmix_dist.data.sources import SOURCE_KINDS, open_source
+from selmix_dist.data.splits import SPLIT_NAMES, load_split, open_split_source
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--split-dir", help="split directory written by tools/make_lt_split.py")
+    where.add_argument("--source", help="an image source to extract whole (with --source-kind)")
+    p.add_argument("--source-kind", choices=sorted(SOURCE_KINDS), help="kind of --source")
+    p.add_argument("--splits", nargs="+", default=None,
+                   help=f"split lists to extract (default {' '.join(SPLIT_NAMES)}); with --source, the one "
+                        "name to store the source under (default 'all')")
+    p.add_argument("--out", required=True, help="feature-cache directory")
+    p.add_argument("--model", default="tf_efficientnet_lite0", help="timm architecture")
+    p.add_argument("--weights", default="lite", help="none | timm | lite | path to a state-dict file")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed for --weights none")
+    p.add_argument("--image-size", type=int, default=None, help="square input side (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="storage dtype of the features")
+    p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per process")
+    p.add_argument("--chunk-size", type=int, default=2048,
+                   help="samples per chunk file (part of the cache key)")
+    p.add_argument("--overwrite", action="store_true", help="replace a cache built with another key")
+    p.add_argument("--json", action="store_true", help="print the per-split stats as JSON")
+    args = p.parse_args(argv)
+    if args.source is not None and args.source_kind is None:
+        p.error("--source needs --source-kind")
+    if args.source is not None and args.splits is not None and len(args.splits) != 1:
+        p.error("with --source, --splits takes exactly one name")
+    return args
+
+
+def _accelerator():
+    """Initialise the process group that `accelerate launch` set up the environment for (gloo on CPU)."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    # Name gloo only when launched with several CPU processes: given a backend, accelerate would also
+    # try to join a process group in a plain single-process run.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
+    return Accelerator(kwargs_handlers=handlers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    acc = _accelerator()
+    backbone = build_backbone(args.model, args.weights, seed=args.seed, image_size=args.image_size)
+    common = dict(batch_size=args.batch_size, dtype=args.dtype, num_workers=args.num_workers,
+                  accelerator=acc, chunk_size=args.chunk_size, overwrite=args.overwrite)
+    results = []
+    if args.source is not None:
+        source = open_source(args.source_kind, args.source)
+        name = (args.splits or ["all"])[0]
+        results.append(extract_features(source, None, None, backbone, args.out, name, **common))
+    else:
+        for name in args.splits or SPLIT_NAMES:
+            source = open_split_source(args.split_dir, name)
+            split = load_split(args.split_dir, name, source)
+            results.append(extract_features(source, split.items, split.labels, backbone, args.out, name,
+                                            split_sha256=split.sha256, **common))
+    if dist.is_main_process():
+        rows = [{"split": r.split, "samples": r.num_samples, "chunks": r.chunks, "written": r.chunks_written,
+                 "skipped": r.chunks_skipped, "seconds": round(r.seconds, 2),
+                 "images_per_s": round(r.images_per_second, 1), "noop": r.noop} for r in results]
+        if args.json:
+            print(json.dumps({"out": str(Path(args.out)), "model": args.model, "splits": rows}))
+        else:
+            print(f"{'split':<10} {'samples':>8} {'chunks':>6} {'written':>7} {'skipped':>7} {'s':>8} "
+                  f"{'img/s':>9}")
+            for r in rows:
+                print(f"{r['split']:<10} {r['samples']:>8} {r['chunks']:>6} {r['written']:>7} "
+                      f"{r['skipped']:>7} {r['seconds']:>8.2f} {r['images_per_s']:>9.1f}")
+            print(f"features in {args.out}")
+    acc.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
