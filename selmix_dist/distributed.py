@@ -120,3 +120,35 @@ def all_ranks_equal(tensor: torch.Tensor) -> bool:
         return True
     t = tensor.detach().to(torch.float64).flatten()
     return bool(torch.equal(all_reduce_max(t), -all_reduce_max(-t)))
+
+
+def broadcast_tensor(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank `src`'s tensor on every rank (same shape and dtype everywhere)."""
+    if not is_initialized():
+        return tensor
+    buf = tensor.contiguous().to(_comm_device(tensor))
+    dist.broadcast(buf, src=src)
+    return buf.to(tensor.device)
+
+
+def make_accelerator(**kwargs: Any):
+    """An `accelerate.Accelerator` for this launch: gloo for multi-process CPU runs.
+
+    DeepSpeed would default to NCCL even without a GPU; naming a backend in a plain single-process run
+    would make accelerate try to join a process group, so gloo is named only when several processes run.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        kwargs.setdefault("kwargs_handlers", []).append(InitProcessGroupKwargs(backend="gloo"))
+    return Accelerator(**kwargs)
+
+
+def set_deepspeed_micro_batch(accelerator, batch_size: int) -> None:
+    """DeepSpeed reads the micro-batch size from a prepared DataLoader; the trainer prepares none."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:
+        conf = plugin.deepspeed_config
+        conf["train_micro_batch_size_per_gpu"] = batch_size
+        conf["train_batch_size"] = batch_size * accelerator.num_processes * conf.get("gradient_accumulation_steps", 1)

@@ -21,6 +21,7 @@ from selmix_dist.data.features import (
 )
 
 N, CHUNK, BATCH = 37, 8, 3  # 5 chunks (the last one short); batches straddle nothing by construction
+MODEL = "test_resnet"  # timm's tiny ResNet (BatchNorm, pooled pre-logits): cheap to build and run
 
 
 class TinySource:
@@ -47,7 +48,7 @@ class TinySource:
 
 @pytest.fixture(scope="module")
 def backbone():
-    return build_backbone("resnet18", "none", seed=1, image_size=32)
+    return build_backbone(MODEL, "none", seed=1, image_size=32)
 
 
 def _extract(source, backbone, out, indices=None, labels=None, split="labeled", **kw):
@@ -72,7 +73,7 @@ def test_extract_matches_per_image_forward(backbone, tmp_path):
     assert (stats.chunks, stats.chunks_written, stats.chunks_skipped, stats.noop) == (4, 4, 0, False)
     assert stats.images_extracted == len(indices)
     fs = load_features(tmp_path, "labeled")
-    assert fs.features.dtype == torch.float32 and fs.features.shape == (len(indices), 512)
+    assert fs.features.dtype == torch.float32 and fs.features.shape == (len(indices), backbone.num_features)
     torch.testing.assert_close(fs.features, _reference(src, backbone, indices), rtol=1e-4, atol=1e-5)
     assert torch.equal(fs.labels, torch.as_tensor(src.labels())[indices])
     assert torch.equal(fs.indices, indices)
@@ -151,7 +152,7 @@ def test_key_mismatch_is_an_error_and_never_overwrites(backbone, tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in [*_chunk_files(tmp_path), tmp_path / "manifest.json"]}
     with pytest.raises(ValueError, match=r"another key.*dtype"):
         _extract(src, backbone, tmp_path, dtype="float32")
-    other = build_backbone("resnet18", "none", seed=2, image_size=32)
+    other = build_backbone(MODEL, "none", seed=2, image_size=32)
     with pytest.raises(ValueError, match=r"another key.*weights_sha256"):
         _extract(src, other, tmp_path)
     with pytest.raises(ValueError, match=r"another key.*split_sha256"):
@@ -222,6 +223,15 @@ def test_missing_cache_and_bad_arguments(backbone, tmp_path):
         _extract(src, backbone, tmp_path, torch.tensor([0, 1, 2]), torch.tensor([0, 1]))
 
 
+def test_float16_overflow_is_an_error(tmp_path):
+    loud = build_backbone(MODEL, "none", seed=1, image_size=32)
+    loud.model.layer4[1].bn2.bias.add_(1e6)  # pre-logit features far beyond float16's 65504
+    with pytest.raises(ValueError, match=r"non-finite features in chunk \[0, 8\).*float32"):
+        _extract(TinySource(), loud, tmp_path)
+    _extract(TinySource(), loud, tmp_path / "f32", dtype="float32")
+    assert torch.isfinite(load_features(tmp_path / "f32", "labeled").features).all()
+
+
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "extract_features.py"
 BIN = Path(sys.executable).parent
@@ -238,7 +248,7 @@ def test_tool_one_and_two_processes_write_identical_caches(tmp_path):
     split_dir = tmp_path / "split"
     make_lt_split(ArraySource.from_npz(tmp_path / "data.npz"), split_dir, n1=5, rho_l=2, m1=3, rho_u=1,
                   n_val=2, n_test=0, seed=0, test_source=ArraySource.from_npz(tmp_path / "data.npz"))
-    args = ["--split-dir", str(split_dir), "--model", "resnet18", "--weights", "none", "--seed", "1",
+    args = ["--split-dir", str(split_dir), "--model", MODEL, "--weights", "none", "--seed", "1",
             "--image-size", "32", "--batch-size", "3", "--chunk-size", "4", "--num-workers", "0",
             "--splits", "labeled", "unlabeled", "val"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}

@@ -95,9 +95,10 @@ def _soft_confusion(z, w, b) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("include_bias", [False, True])
-def test_exact_gain_matches_finite_difference_of_an_sgd_step(include_bias: bool) -> None:
+@pytest.mark.parametrize("d", [3, 6])  # K > d: E = Z (Zᵀ D); K ≤ d: E = (Z Zᵀ) D
+def test_exact_gain_matches_finite_difference_of_an_sgd_step(include_bias: bool, d: int) -> None:
     k, h = 4, 1e-4
-    z, w, b, _ = _setup(k, d=3, seed=11)
+    z, w, b, _ = _setup(k, d=d, seed=11)
     C = _soft_confusion(z, w, b)
     assert float(C.min()) > 1e-7  # the clamp is inactive, so the model is exact
     for name in sorted(OBJECTIVES):

@@ -27,12 +27,13 @@ def run_script(run_dir: Path, *args: str, procs: int = 1, accelerate_config: str
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if procs == 1:
         cmd = [sys.executable, str(SCRIPT)]
+    elif accelerate_config:
+        # No ACCELERATE_USE_CPU here: it would silently replace DeepSpeed by plain MULTI_CPU.
+        cmd = [str(ACCELERATE), "launch", "--config_file", accelerate_config, str(SCRIPT)]
     else:
         env["ACCELERATE_USE_CPU"] = "1"
-        launch = (["--config_file", accelerate_config] if accelerate_config else
-                  ["--multi_gpu", "--num_processes", str(procs), "--num_machines", "1", "--mixed_precision", "no",
-                   "--dynamo_backend", "no", "--main_process_port", "0"])
-        cmd = [str(ACCELERATE), "launch", *launch, str(SCRIPT)]
+        cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", str(procs), "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", str(SCRIPT)]
     return subprocess.run([*cmd, str(run_dir), *COMMON, *args], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -189,5 +190,6 @@ def test_deepspeed_zero2_smoke_two_cpu_processes(tmp_path):
     proc = ok(run_script(tmp_path, "run.steps=20", procs=2, timeout=600,
                          accelerate_config=str(REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml")))
     head = final_head(tmp_path)
+    assert (head["distributed_type"], head["world_size"]) == ("DEEPSPEED", 2)
     assert torch.isfinite(head["weight"]).all() and head["summary"]["step"] == 20, proc.stdout[-2000:]
     assert (tmp_path / "report.json").exists()

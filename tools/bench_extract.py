@@ -45,6 +45,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--source", default=None, help="real image source (default: synthetic images)")
     p.add_argument("--repeats", type=int, default=3,
                    help="alternate the two measurements this often and keep each one's best (shared CPUs)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
     p.add_argument("--full", action="store_true", help="really extract a CIFAR-10-LT-sized synthetic set")
     p.add_argument("--json", action="store_true")
     return p.parse_args()
@@ -60,6 +61,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Clock:
+    """Wall seconds and this process's CPU seconds (all its threads) of a block."""
+
+    def __enter__(self) -> Clock:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
 def device_batches(backbone, source, n: int, batch_size: int, device: torch.device) -> list[torch.Tensor]:
     """The extractor's batches of positions [0, n), transformed, normalised and moved to the device."""
     tf = backbone.transform(train=False)
@@ -67,78 +79,87 @@ def device_batches(backbone, source, n: int, batch_size: int, device: torch.devi
             for a in range(0, n, batch_size)]
 
 
-def bare_rate(backbone, batches: list[torch.Tensor], device: torch.device) -> float:
-    """Images/s of backbone(x) alone over ready batches."""
-    n = sum(len(x) for x in batches)
+def time_bare(backbone, batches: list[torch.Tensor], device: torch.device) -> Clock:
+    """backbone(x) alone over ready batches."""
     backbone(batches[0])  # warm-up (kernel selection, allocator)
     _sync(device)
-    t0 = time.perf_counter()
-    for x in batches:
-        backbone(x).cpu()
-    _sync(device)
-    return n / (time.perf_counter() - t0)
+    with Clock() as clock:
+        for x in batches:
+            backbone(x).cpu()
+        _sync(device)
+    return clock
 
 
-def extractor_rate(backbone, source, n: int, args: argparse.Namespace,
-                   device: torch.device) -> tuple[float, float]:
-    """(images/s, seconds) of extract_features over positions [0, n) into a throw-away cache."""
+def time_extract(backbone, source, n: int, args: argparse.Namespace, device: torch.device) -> Clock:
+    """extract_features over positions [0, n) into a throw-away cache (after a one-batch warm-up)."""
     with tempfile.TemporaryDirectory() as tmp:
         kw = dict(batch_size=args.batch_size, dtype=args.dtype, num_workers=args.num_workers, device=device,
                   progress=False)
-        warm = torch.arange(min(args.batch_size, n))
-        extract_features(source, warm, None, backbone, f"{tmp}/warm", "warm", **kw)
-        t0 = time.perf_counter()
-        extract_features(source, torch.arange(n), None, backbone, f"{tmp}/run", "bench", **kw)
-        seconds = time.perf_counter() - t0
-    return n / seconds, seconds
+        extract_features(source, torch.arange(min(args.batch_size, n)), None, backbone, f"{tmp}/w", "w", **kw)
+        with Clock() as clock:
+            extract_features(source, torch.arange(n), None, backbone, f"{tmp}/run", "bench", **kw)
+    return clock
 
 
 def main() -> None:
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     weights = args.weights or ("lite" if args.model.startswith("tf_efficientnet_lite") else "none")
     backbone = build_backbone(args.model, weights, image_size=args.image_size).to(device)
     side = backbone.data_config["input_size"][-1]
+    total = sum(CIFAR10_LT.values())
     if args.source is not None:
         source = open_source(args.source_kind, args.source)
     else:
-        source = synthetic_source(sum(CIFAR10_LT.values()) if args.full else args.num_images)
+        source = synthetic_source(total if args.full else args.num_images)
     n = min(args.num_images, len(source))
 
     batches = device_batches(backbone, source, n, args.batch_size, device)
-    bare_runs, extract_runs = [], []
-    for _ in range(args.repeats):
-        bare_runs.append(bare_rate(backbone, batches, device))
-        extract_runs.append(extractor_rate(backbone, source, n, args, device)[0])
-    bare, rate = max(bare_runs), max(extract_runs)
-    total = sum(CIFAR10_LT.values())
+    bare, extract = [], []
+    for _ in range(args.repeats):  # alternate, so that a burst of load from elsewhere hits both
+        bare.append(time_bare(backbone, batches, device))
+        extract.append(time_extract(backbone, source, n, args, device))
+    bare_wall = n / min(c.wall for c in bare)
+    extract_wall = n / min(c.wall for c in extract)
+    # CPU time is robust to other users of a shared CPU but misses DataLoader worker processes.
+    cpu_comparable = device.type == "cpu" and args.num_workers == 0
+    bare_cpu = n / min(c.cpu for c in bare) if cpu_comparable else None
+    extract_cpu = n / min(c.cpu for c in extract) if cpu_comparable else None
     if args.full:
-        full_rate, full_seconds = extractor_rate(backbone, source, total, args, device)
-        cifar = {"seconds": full_seconds, "estimated": False, "images_per_s": full_rate}
+        seconds, estimated = time_extract(backbone, source, total, args, device).wall, False
     else:
-        cifar = {"seconds": total / rate, "estimated": True, "images_per_s": rate}
+        seconds, estimated = total / extract_wall, True
     result = {
         "model": args.model, "weights": weights, "image_size": side, "device": str(device),
         "threads": torch.get_num_threads(), "num_images": n, "batch_size": args.batch_size,
         "num_workers": args.num_workers, "dtype": args.dtype, "repeats": args.repeats,
-        "bare_runs": bare_runs, "extract_runs": extract_runs,
         "synthetic": args.source is None,
-        "bare_images_per_s": bare, "extract_images_per_s": rate, "ratio": rate / bare,
-        "cifar10_lt_images": total, "cifar10_lt_seconds": cifar["seconds"],
-        "cifar10_lt_estimated": cifar["estimated"],
+        "bare_images_per_s": bare_wall, "extract_images_per_s": extract_wall,
+        "ratio": extract_wall / bare_wall,
+        "bare_images_per_cpu_s": bare_cpu, "extract_images_per_cpu_s": extract_cpu,
+        "ratio_cpu": extract_cpu / bare_cpu if cpu_comparable else None,
+        "wall_runs_s": {"bare": [c.wall for c in bare], "extract": [c.wall for c in extract]},
+        "cifar10_lt_images": total, "cifar10_lt_seconds": seconds, "cifar10_lt_estimated": estimated,
     }
     if args.json:
         print(json.dumps(result))
         return
     kind = "synthetic" if args.source is None else args.source_kind
     print(f"{args.model} ({weights}) at {side}px on {device} ({result['threads']} threads), "
-          f"batch {args.batch_size}, {args.num_workers} workers, {n} {kind} images, {args.dtype} cache")
-    print(f"{'measure (best of ' + str(args.repeats) + ')':<26} {'value':>12}")
-    print(f"{'bare model(x) img/s':<26} {bare:>12.1f}")
-    print(f"{'extract_features img/s':<26} {rate:>12.1f}")
-    print(f"{'ratio (goal >= 0.90)':<26} {rate / bare:>12.3f}")
-    label = "CIFAR-10-LT s (est.)" if cifar["estimated"] else "CIFAR-10-LT s"
-    print(f"{label:<26} {cifar['seconds']:>12.1f}   ({total} images)")
+          f"batch {args.batch_size}, {args.num_workers} workers, {n} {kind} images, {args.dtype} cache, "
+          f"best of {args.repeats}")
+    print(f"{'measure':<24} {'wall':>10} {'cpu-time':>10}")
+
+    def row(name: str, wall: float, cpu: float | None, fmt: str = ".1f") -> None:
+        print(f"{name:<24} {wall:>10{fmt}} {'-' if cpu is None else format(cpu, fmt):>10}")
+
+    row("bare model(x) img/s", bare_wall, bare_cpu)
+    row("extract_features img/s", extract_wall, extract_cpu)
+    row("ratio (goal >= 0.90)", result["ratio"], result["ratio_cpu"], ".3f")
+    label = "CIFAR-10-LT s (est.)" if estimated else "CIFAR-10-LT s"
+    print(f"{label:<24} {seconds:>10.1f}   ({total} images at {side}px)")
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@ selmix_distribution, per (objective, K), on synthetic prototypes/head/confusion.
 
 Peak memory is the extra memory the refresh needs on top of its inputs:
 * CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation before the refresh;
-* CPU: peak resident set size (``VmHWM`` of /proc/self/status, reset through /proc/self/clear_refs
-  before each refresh) minus the RSS before it. Where that reset is unavailable it falls back to the
-  growth of ``resource.getrusage().ru_maxrss``, which only sees a new process-wide peak (reported
-  as a lower bound; the ``mem_method`` column says which was used).
+* CPU ("rss_hwm"): peak resident set size (``VmHWM`` of /proc/self/status, reset through
+  /proc/self/clear_refs) minus the RSS before the refresh, measured on a separate, untimed refresh after
+  glibc was told to mmap every block ≥ 64 KiB (so freed tensors leave the RSS and are not silently
+  reused). tracemalloc cannot be used: it does not see torch's allocations. Where /proc or glibc are
+  unavailable it falls back to the growth of ``resource.getrusage().ru_maxrss``, which only sees a new
+  process-wide peak ("ru_maxrss_growth(lower_bound)").
 
     python tools/bench_gain.py --classes 10 100 1000 --dim 2048 --repeats 5 [--device cuda] [--json]
 """
@@ -14,7 +16,9 @@ Peak memory is the extra memory the refresh needs on top of its inputs:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import os
 import resource
 import statistics
 import sys
@@ -55,6 +59,18 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _return_freed_memory_to_os() -> bool:
+    """Make glibc serve blocks ≥ 64 KiB with their own mmap (unmapped on free) and trim the heap, so that
+    RSS follows the live tensors instead of memory freed earlier and kept by malloc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD (also disables its dynamic growth)
+        libc.malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 class PeakMemory:
     """Context manager measuring the peak extra memory (bytes) of the enclosed code."""
 
@@ -69,7 +85,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
             self.method = "cuda_max_memory_allocated"
-        elif _reset_peak_rss() and _status_kib("VmRSS") is not None:
+        elif _return_freed_memory_to_os() and _reset_peak_rss() and _status_kib("VmRSS") is not None:
             self._base = _status_kib("VmRSS") * 1024
             self.method = "rss_hwm"
         else:
@@ -111,23 +127,39 @@ def refresh(obj, z, w, b, C, *, variant: str, include_bias: bool, temperature: f
     return selmix_distribution(G, temperature=temperature)
 
 
-def bench_row(name: str, k: int, args: argparse.Namespace, device: torch.device) -> dict:
+def gemm_reference_ms(k: int, device: torch.device, repeats: int) -> float:
+    """Median time of one float64 [K, K] @ [K, K] product: the machine's speed at the refresh's core op
+    (a refresh costs about 4 + 2d/K of them for K ≤ d), to read timings taken on a loaded machine."""
+    a = torch.rand(k, k, dtype=torch.float64, device=device)
+    times = []
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ a
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:]) * 1e3
+
+
+def time_row(name: str, k: int, args: argparse.Namespace, device: torch.device) -> dict:
+    """Timing of one (objective, K): warm-up, then ``args.repeats`` timed refreshes."""
     z, w, b, C, head = make_inputs(k, args.dim, device, args.seed)
     obj = build_objective(name, k, head=head)
     kw = {"variant": args.variant, "include_bias": args.include_bias, "temperature": 0.1}
-    refresh(obj, z, w, b, C, **kw)  # warm-up (allocator, kernels, BLAS threads)
+    P = refresh(obj, z, w, b, C, **kw)  # warm-up (allocator, kernels, BLAS threads)
+    if not bool(torch.isfinite(P).all()):
+        raise RuntimeError(f"{name}, K={k}: the refresh produced a non-finite distribution")
     times = []
     for _ in range(args.repeats):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        P = refresh(obj, z, w, b, C, **kw)
+        refresh(obj, z, w, b, C, **kw)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    with PeakMemory(device) as mem:
-        P = refresh(obj, z, w, b, C, **kw)
-    assert bool(torch.isfinite(P).all())
     median_ms = statistics.median(times) * 1e3
     goal = CPU_GOALS_MS.get(k) if device.type == "cpu" else None
     return {
@@ -136,19 +168,27 @@ def bench_row(name: str, k: int, args: argparse.Namespace, device: torch.device)
         "d": args.dim,
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
         "median_ms": round(median_ms, 3),
         "min_ms": round(min(times) * 1e3, 3),
-        "peak_mib": round(mem.peak_bytes / 2**20, 2),
-        "mem_method": mem.method,
+        "gemm_ref_ms": round(gemm_reference_ms(k, device, args.repeats), 3),
         "goal_ms": goal,
         "within_goal": None if goal is None else median_ms <= goal,
     }
 
 
+def measure_memory(row: dict, args: argparse.Namespace, device: torch.device) -> None:
+    """Adds ``peak_mib`` and ``mem_method`` to ``row`` (one untimed refresh on fresh inputs)."""
+    z, w, b, C, head = make_inputs(row["K"], args.dim, device, args.seed)
+    obj = build_objective(row["objective"], row["K"], head=head)
+    with PeakMemory(device) as mem:
+        refresh(obj, z, w, b, C, variant=args.variant, include_bias=args.include_bias, temperature=0.1)
+    row["peak_mib"] = round(mem.peak_bytes / 2**20, 2)
+    row["mem_method"] = mem.method
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classes", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--objectives", nargs="+", default=sorted(OBJECTIVES), choices=sorted(OBJECTIVES))
@@ -157,9 +197,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default="exact", choices=["exact", "official"])
     parser.add_argument("--include-bias", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--omp-wait-policy",
+        choices=["passive", "active", "inherit"],
+        default="passive",
+        help="OMP_WAIT_POLICY for the run (re-executes itself to apply it). passive (default): idle OpenMP "
+        "threads sleep instead of spinning, which avoids 10-50x stalls on a shared, oversubscribed CPU; "
+        "inherit: keep the environment's setting",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
     args = parser.parse_args(argv)
+    wanted = args.omp_wait_policy.upper()
+    if args.omp_wait_policy != "inherit" and os.environ.get("OMP_WAIT_POLICY") != wanted:
+        # the OpenMP runtime reads the policy once, at start-up: restart the interpreter with it set
+        os.environ["OMP_WAIT_POLICY"] = wanted
+        os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:])])
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available")
@@ -168,31 +221,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    header = f"{'objective':36s} {'K':>6s} {'d':>5s} {'median ms':>10s} {'min ms':>9s} {'peak MiB':>9s}  goal"
+    header = (
+        f"{'objective':36s} {'K':>6s} {'d':>5s} {'median ms':>10s} {'min ms':>9s} {'peak MiB':>9s} "
+        f"{'K³ GEMM ms':>10s}  goal"
+    )
     if not args.json:
         print(
             f"# device={device} threads={torch.get_num_threads()} variant={args.variant} "
-            f"include_bias={args.include_bias} repeats={args.repeats}"
+            f"include_bias={args.include_bias} repeats={args.repeats} "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
         )
         print(header)
-    for k in args.classes:
-        for name in args.objectives:
-            row = bench_row(name, k, args, device)
-            if args.json:
-                print(json.dumps(row), flush=True)
-            else:
-                goal = (
-                    ""
-                    if row["goal_ms"] is None
-                    else f"≤{row['goal_ms']:g} ms {'ok' if row['within_goal'] else 'MISSED'}"
-                )
-                print(
-                    f"{name:36s} {k:6d} {args.dim:5d} {row['median_ms']:10.2f} {row['min_ms']:9.2f} "
-                    f"{row['peak_mib']:9.1f}  {goal}",
-                    flush=True,
-                )
+    # all timings first: the CPU memory measurement changes glibc's allocation policy (PeakMemory)
+    rows = [time_row(name, k, args, device) for k in args.classes for name in args.objectives]
+    for row in rows:
+        measure_memory(row, args, device)
+        if args.json:
+            print(json.dumps(row), flush=True)
+            continue
+        goal = "" if row["goal_ms"] is None else f"≤{row['goal_ms']:g} ms {'ok' if row['within_goal'] else 'MISSED'}"
+        print(
+            f"{row['objective']:36s} {row['K']:6d} {args.dim:5d} {row['median_ms']:10.2f} {row['min_ms']:9.2f} "
+            f"{row['peak_mib']:9.1f} {row['gemm_ref_ms']:10.2f}  {goal}",
+            flush=True,
+        )
     if not args.json:
-        print(f"# peak memory: {row['mem_method']}")
+        print(f"# peak memory: {rows[-1]['mem_method']}; K³ GEMM ms: one float64 K×K×K product, timed after the row")
     return 0
 
 

@@ -37,9 +37,11 @@ def selmix_distribution(
     mask = g > 0 if positive_only else torch.ones_like(g, dtype=torch.bool)
     if not bool(mask.any()):
         return torch.full_like(g, 1.0 / g.numel())
-    sigma = torch.softmax(g.flatten() / t, dim=0).view_as(g)
+    p = torch.softmax(g.flatten() / t, dim=0).view_as(g)
+    if positive_only:
+        p.masked_fill_(~mask, 0.0)
     # the largest gain is positive here, so its σ ≥ 1/K² and the normaliser is > 0 even with ε = 0
-    p = torch.where(mask, sigma, torch.zeros_like(sigma)).add_(eps)
+    p.add_(eps)
     return p.div_(p.sum())
 
 

@@ -1,4 +1,4 @@
-"""The SelMix gain matrix G (method spec §3.2–§3.5b) in O(K²d + K³) time and O(K²) memory.
+"""The SelMix gain matrix G (method spec §3.2–§3.5b) in O(K²d + K³) time and O(K² + Kd) memory.
 
 Notation: K classes, d feature dimension, prototypes Z [K, d] (validation class means), head W [K, d],
 b [K], prototype logits F = Z Wᵀ + b, validation joint confusion C, Ψ = ∂ψ/∂C.
@@ -13,9 +13,11 @@ b [K], prototype logits F = Z Wᵀ + b, validation joint confusion C, Ψ = ∂ψ
       pos_ij = λ̄ E_ii + (1−λ̄) E_ji   (variant "exact": the true mixup step)
       pos_ij = E_ii                   (variant "official": the release's pure-prototype positive term).
 
-The sum over l is computed with three K×K×K matrix products (the pair softmax factorises as
-exp(λ̄F_il + (1−λ̄)F_jl) = a_il c_jl); rows where the denominator S = A Cᵀ underflows (logit gaps of
-hundreds in float64) are recomputed with the blocked log-sum-exp form.
+Cost: O(K²d + K³) time, O(K² + Kd) memory (no K³ or K⁴ tensor). F, Γ and E take 2K²d + K³
+multiply-adds for K ≤ d (E = (Z Zᵀ) D) and 3K²d for K > d (E = Z (Zᵀ D), Γ never formed). The sum over l
+is three K×K×K matrix products, because the pair softmax factorises as
+exp(λ̄F_il + (1−λ̄)F_jl) = a_il c_jl; rows where the denominator S = A Cᵀ underflows (logit gaps of
+hundreds in float64, far fewer in float32) are recomputed with the blocked log-sum-exp form.
 """
 
 from __future__ import annotations
@@ -75,9 +77,8 @@ def _neg_blocked(
     out = torch.empty(rows.numel(), F.shape[0], dtype=F.dtype, device=F.device)
     for start in range(0, rows.numel(), block):
         idx = rows[start : start + block]
-        # [B, K(j), K(l)] pair logits, turned into probabilities in place
-        p = (lam * F[idx]).unsqueeze(1) + (1.0 - lam) * F.unsqueeze(0)
-        p = torch.softmax(p, dim=-1)
+        # [B, K(j), K(l)] pair logits → pair softmax over l (max-subtracted inside softmax)
+        p = torch.softmax((lam * F[idx]).unsqueeze(1) + (1.0 - lam) * F.unsqueeze(0), dim=-1)
         out[start : start + idx.numel()] = lam * torch.einsum("bjl,bl->bj", p, E[idx]) + (
             1.0 - lam
         ) * torch.einsum("bjl,jl->bj", p, E)
@@ -104,6 +105,39 @@ def _neg_gemm(F: torch.Tensor, E: torch.Tensor, lam: float) -> tuple[torch.Tenso
     if not all_finite(neg):
         bad |= ~torch.isfinite(neg).all(dim=1)
     return neg, bad
+
+
+def _logits_and_e(
+    z: torch.Tensor, w: torch.Tensor, d_mat: torch.Tensor, include_bias: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """E = Γ D [K, K] (Γ = Z Zᵀ, + 11ᵀ with the bias update) and F = Z Wᵀ [K, K] (no bias), in ``dtype``.
+
+    For K ≤ d: one GEMM Z [Z; W]ᵀ gives Γ and F (2K²d), then Γ D (K³). For K > d the Gram matrix is
+    never formed: E = Z (Zᵀ D) costs 2K²d < K²d + K³.
+    """
+    k, d = z.shape
+    if k <= d:
+        zw = torch.cat([z, w]).to(dtype)  # one cast, one GEMM
+        zzw = zw[:k] @ zw.T
+        del zw
+        _check_products(zzw, dtype)
+        gram, logits = zzw[:, :k], zzw[:, k:]
+        if include_bias:
+            gram.add_(1.0)  # a constant-1 feature carries the bias update
+        return gram @ d_mat, logits
+    z = z.to(dtype)
+    logits = z @ w.to(dtype).T
+    e = z @ (z.T @ d_mat)
+    _check_products(logits, dtype)
+    _check_products(e, dtype)
+    if include_bias:
+        e += d_mat.sum(dim=0)  # (11ᵀ) D: every row is the column sums of D
+    return e, logits
+
+
+def _check_products(x: torch.Tensor, dtype: torch.dtype) -> None:
+    if not all_finite(x):
+        raise ValueError(f"Z Zᵀ or Z Wᵀ overflows in {dtype}: prototypes/weight are too large")
 
 
 def _check_inputs(prototypes: object, weight: object, bias: object, C: object, Psi: object) -> None:
@@ -182,20 +216,11 @@ def gain_matrix(
 
     device = weight.device
     with torch.no_grad():
-        # one cast and one GEMM for the Gram matrix and the prototype logits
-        zw = torch.cat([prototypes.detach().to(device), weight.detach()]).to(dtype)
-        zzw = zw[:k] @ zw.T
-        del zw
         d_mat = _logit_derivative(C.detach().to(device), Psi.detach().to(device), prior).to(dtype)
-        if not all_finite(zzw):
-            raise ValueError(f"Z Zᵀ or Z Wᵀ overflows in {dtype}: prototypes/weight are too large")
-        gram, logits = zzw[:, :k], zzw[:, k:]
+        e, logits = _logits_and_e(prototypes.detach().to(device), weight.detach(), d_mat, include_bias, dtype)
+        del d_mat
         if bias is not None:
             logits = logits + bias.detach().to(device=device, dtype=dtype)
-        if include_bias:
-            gram.add_(1.0)  # a constant-1 feature carries the bias update
-        e = gram @ d_mat
-        del zzw, gram, d_mat
 
         if method == "gemm":
             neg, bad = _neg_gemm(logits, e, lam)

@@ -261,7 +261,8 @@ class _RecallObjective(Objective):
         lam = self._column_multipliers()
         grad = row.unsqueeze(1) + (lam.to(ch) if lam is not None else torch.zeros_like(row)).unsqueeze(0)
         grad.diagonal().add_(coef)
-        return grad / self._normaliser()
+        norm = self._normaliser()
+        return grad if norm == 1.0 else grad.div_(norm)
 
 
 class MeanRecall(_RecallObjective):

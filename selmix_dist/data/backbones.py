@@ -359,7 +359,7 @@ def build_backbone(
     None; set it to load a checkpoint whose classifier has another size). image_size / mean / std /
     interpolation / crop_pct override the pretrained config (image_size is the square crop side).
     """
-    if name not in timm.list_models():
+    if not timm.is_model(name):
         raise ValueError(f"unknown timm model {name!r}")
     kw = {} if num_classes is None else {"num_classes": num_classes}
     if weights == "lite":

@@ -319,9 +319,8 @@ def extract_features(
     batches = [list(range(b, min(b + batch_size, stop))) for start, stop in pending
                for b in range(start, stop, batch_size)]
     images_u8 = _Images(source, idx.numpy(), backbone.transform(train=False, normalize=False))
-    loader = DataLoader(images_u8, batch_sampler=batches,
-                        num_workers=num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False)
+    loader = DataLoader(images_u8, batch_sampler=batches, num_workers=num_workers if batches else 0,
+                        pin_memory=device.type == "cuda")
     store = DTYPES[dtype]
     bar = tqdm(total=sum(b - a for a, b in pending), desc=f"features {split}", unit="img",
                disable=not progress or rank != 0)
@@ -331,6 +330,9 @@ def extract_features(
     filled = 0
     for images in loader:
         feats = backbone(backbone.normalize(images.to(device, non_blocking=True))).to(store).cpu()
+        if not bool(torch.isfinite(feats).all()):
+            raise ValueError(f"split {split!r}: non-finite features in chunk [{start}, {stop}) "
+                             f"(overflow in {dtype}? try dtype='float32')")
         buf[filled:filled + len(feats)] = feats
         filled += len(feats)
         bar.update(len(feats))

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from selmix_dist import distributed as dist
 from selmix_dist.train.config import Config
 from selmix_dist.train.featuresets import FeatureSet, OnlineFeatureSet, TrainData
-from selmix_dist.train.trainer import Trainer, _accelerator_kwargs
+from selmix_dist.train.trainer import Trainer
 
 
 def _split_names(cfg: Config) -> dict[str, str]:
@@ -65,9 +64,7 @@ def online_train_data(cfg: Config, device: torch.device) -> TrainData:
 
 def train(cfg: Config) -> dict[str, Any]:
     """Run one SelMix fine-tuning job as configured; returns the trainer's summary."""
-    from accelerate import Accelerator
-
-    acc = Accelerator(**_accelerator_kwargs())
+    acc = dist.make_accelerator()
     try:
         data = cached_train_data(cfg) if cfg.model.mode == "features" else online_train_data(cfg, acc.device)
         return Trainer(cfg, data, accelerator=acc).run()

@@ -65,14 +65,12 @@ class Trainer:
     """Owns the head, optimizer, objective, sampler and run directory of one SelMix run."""
 
     def __init__(self, cfg: Config, data: TrainData, accelerator=None, init_head: torch.nn.Module | None = None):
-        from accelerate import Accelerator
-
         self.cfg = cfg
         self.data = data
         data.validate(cfg.data.num_classes)
         if cfg.selmix.setting == "semi" and data.partners is None:
             raise ValueError("selmix.setting=semi needs an unlabeled split (data.unlabeled_split)")
-        self.acc = accelerator or Accelerator(**_accelerator_kwargs())
+        self.acc = accelerator or dist.make_accelerator()
         self.device = self.acc.device
         self.rank, self.world = dist.world_info()
         self.k = data.num_classes
@@ -103,7 +101,7 @@ class Trainer:
         if state is not None:
             self._load_state(resume_path, state, head, optimizer)
         # Load before prepare: DeepSpeed builds its master weights from the module at prepare time.
-        _set_deepspeed_batch(self.acc, cfg.optim.batch_size)
+        dist.set_deepspeed_micro_batch(self.acc, cfg.optim.batch_size)
         self.head, self.optimizer = self.acc.prepare(head, optimizer)
         self.sampler: PairSampler | None = None  # built by the first refresh, or from the checkpoint
         if self.refresh_state is not None:
@@ -263,7 +261,7 @@ class Trainer:
             distribution = selmix_distribution(gain, temperature=cfg.selmix.temperature, eps=cfg.selmix.eps,
                                                positive_only=cfg.selmix.positive_only).cpu()
         t_gain = time.perf_counter()
-        distribution = _broadcast_tensor(distribution)
+        distribution = dist.broadcast_tensor(distribution)
         t_reduce = time.perf_counter()
         state = RefreshState(self.step, stats.counts, prototypes, gain, distribution, partner_labels)
         self._build_sampler(state)
@@ -412,31 +410,3 @@ class Trainer:
                 "objective": self.cfg.objective.name, "target_metric": self.objective.target_metric,
                 "num_classes": self.k, "world_size": self.world}
         (self.run_dir / "meta.json").write_text(json.dumps(meta, indent=1))
-
-
-def _broadcast_tensor(t: torch.Tensor) -> torch.Tensor:
-    if not dist.is_initialized():
-        return t
-    import torch.distributed as tdist
-
-    buf = t.contiguous().to(dist._comm_device(t))
-    tdist.broadcast(buf, src=0)
-    return buf.to(t.device)
-
-
-def _accelerator_kwargs() -> dict[str, Any]:
-    """gloo for multi-process CPU runs (DeepSpeed's default backend would be NCCL even there)."""
-    from accelerate.utils import InitProcessGroupKwargs
-
-    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return {}
-    return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
-
-
-def _set_deepspeed_batch(acc, batch_size: int) -> None:
-    """DeepSpeed needs the micro-batch size, which it would otherwise read from a prepared DataLoader."""
-    plugin = getattr(acc.state, "deepspeed_plugin", None)
-    if plugin is not None:
-        conf = plugin.deepspeed_config
-        conf["train_micro_batch_size_per_gpu"] = batch_size
-        conf["train_batch_size"] = batch_size * acc.num_processes * conf.get("gradient_accumulation_steps", 1)

@@ -64,7 +64,8 @@ def main() -> None:
     summary = trainer.run()
     if dist.is_main_process():
         head = trainer.acc.unwrap_model(trainer.head)
-        torch.save({"summary": summary, "weight": head.weight.detach().clone(),
+        torch.save({"summary": summary, "distributed_type": trainer.acc.distributed_type.name,
+                    "world_size": dist.world_info()[1], "weight": head.weight.detach().clone(),
                     "bias": head.bias.detach().clone()}, os.path.join(args.run_dir, "final_head.pt"))
     trainer.acc.end_training()
 
