@@ -20,7 +20,7 @@ from selmix_dist.data.features import (
     split_content_sha256,
 )
 
-N, CHUNK, BATCH = 37, 8, 3  # 5 chunks (the last one short); batches straddle nothing by construction
+N, CHUNK, BATCH = 37, 8, 3  # 5 chunks, the last one short; a chunk holds 3 batches of 3, 3, 2
 MODEL = "test_resnet"  # timm's tiny ResNet (BatchNorm, pooled pre-logits): cheap to build and run
 
 
@@ -225,7 +225,7 @@ def test_missing_cache_and_bad_arguments(backbone, tmp_path):
 
 def test_float16_overflow_is_an_error(tmp_path):
     loud = build_backbone(MODEL, "none", seed=1, image_size=32)
-    loud.model.layer4[1].bn2.bias.add_(1e6)  # pre-logit features far beyond float16's 65504
+    loud.model.layer4[0].bn2.bias.add_(1e6)  # pre-logit features far beyond float16's 65504
     with pytest.raises(ValueError, match=r"non-finite features in chunk \[0, 8\).*float32"):
         _extract(TinySource(), loud, tmp_path)
     _extract(TinySource(), loud, tmp_path / "f32", dtype="float32")
@@ -250,7 +250,7 @@ def test_tool_one_and_two_processes_write_identical_caches(tmp_path):
                   n_val=2, n_test=0, seed=0, test_source=ArraySource.from_npz(tmp_path / "data.npz"))
     args = ["--split-dir", str(split_dir), "--model", MODEL, "--weights", "none", "--seed", "1",
             "--image-size", "32", "--batch-size", "3", "--chunk-size", "4", "--num-workers", "0",
-            "--splits", "labeled", "unlabeled", "val"]
+            "--splits", "labeled", "unlabeled", "val", "--json"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, str(TOOL), *args, "--out", str(tmp_path / "one")],
                          env=env, capture_output=True, text=True, timeout=180)
@@ -260,6 +260,9 @@ def test_tool_one_and_two_processes_write_identical_caches(tmp_path):
                           "--main_process_port", "0", str(TOOL), *args, "--out", str(tmp_path / "two")],
                          env=env, capture_output=True, text=True, timeout=180)
     assert two.returncode == 0, two.stderr[-3000:]
+    reports = [json.loads(run.stdout.strip().splitlines()[-1]) for run in (one, two)]
+    assert [r["world_size"] for r in reports] == [1, 2]
+    assert [r["splits"][0]["written"] for r in reports] == [r["splits"][0]["chunks"] for r in reports]
 
     def listing(root: Path) -> list[Path]:
         return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())

@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
-
-import torch
 
 from selmix_dist import distributed as dist
 from selmix_dist.data.backbones import build_backbone
@@ -58,21 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _accelerator():
-    """Initialise the process group that `accelerate launch` set up the environment for (gloo on CPU)."""
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    # Name gloo only when launched with several CPU processes: given a backend, accelerate would also
-    # try to join a process group in a plain single-process run.
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
-    return Accelerator(kwargs_handlers=handlers)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    acc = _accelerator()
+    acc = dist.make_accelerator()
     backbone = build_backbone(args.model, args.weights, seed=args.seed, image_size=args.image_size)
     common = dict(batch_size=args.batch_size, dtype=args.dtype, num_workers=args.num_workers,
                   accelerator=acc, chunk_size=args.chunk_size, overwrite=args.overwrite)
@@ -92,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                  "skipped": r.chunks_skipped, "seconds": round(r.seconds, 2),
                  "images_per_s": round(r.images_per_second, 1), "noop": r.noop} for r in results]
         if args.json:
-            print(json.dumps({"out": str(Path(args.out)), "model": args.model, "splits": rows}))
+            print(json.dumps({"out": str(Path(args.out)), "model": args.model,
+                              "world_size": dist.world_info()[1], "splits": rows}))
         else:
             print(f"{'split':<10} {'samples':>8} {'chunks':>6} {'written':>7} {'skipped':>7} {'s':>8} "
                   f"{'img/s':>9}")

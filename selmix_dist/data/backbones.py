@@ -77,7 +77,8 @@ class FrozenBackbone(nn.Module):
     Attributes: `name` (timm architecture), `num_features` (d), `data_config` (dict with input_size
     (3,H,W), interpolation, mean, std, crop_pct, crop_mode), `weights_source` (what was loaded),
     `weights_sha256` (hash of the feature-producing weights, classifier excluded, taken at build time
-    so that later head surgery does not change a feature-cache key).
+    so that later head surgery does not change a feature-cache key; editing the weights in place after
+    building is not tracked — build a new backbone instead).
     """
 
     def __init__(self, model: nn.Module, name: str, data_config: Mapping[str, Any], weights_source: str):

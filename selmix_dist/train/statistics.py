@@ -17,64 +17,77 @@ from selmix_dist.train.featuresets import FeatureSet
 
 @dataclass
 class SplitStatistics:
-    """Global statistics of one split under the current head.
+    """Statistics of one split under the current head (this rank's shard, or global after `all_reduce`).
 
     counts: int64[K, K] confusion counts (rows true, columns predicted);
-    feature_sums: float64[K, d] per-class feature sums (None when not requested);
-    class_counts: int64[K] samples per class.
+    feature_sums: float64[K, d] per-class feature sums (None when not requested).
     """
 
     counts: torch.Tensor
     feature_sums: torch.Tensor | None
-    class_counts: torch.Tensor
+
+    @property
+    def class_counts(self) -> torch.Tensor:
+        return self.counts.sum(1)
+
+    def all_reduce(self) -> SplitStatistics:
+        """Sums over ranks: every sample counted exactly once, identical on every rank."""
+        sums = None if self.feature_sums is None else dist.all_reduce_sum(self.feature_sums)
+        return SplitStatistics(dist.all_reduce_sum(self.counts), sums)
 
     def prototypes(self) -> torch.Tensor:
         """Class-mean features float64[K, d] (callers guarantee every class has a sample)."""
         return self.feature_sums / self.class_counts.clamp_min(1).to(torch.float64)[:, None]
 
 
-def _batches(n_start: int, n_stop: int, batch_size: int):
-    for start in range(n_start, n_stop, batch_size):
-        yield torch.arange(start, min(start + batch_size, n_stop))
+def _shard_batches(n: int, batch_size: int):
+    rank, world = dist.world_info()
+    start, stop = dist.shard_bounds(n, rank, world)
+    for first in range(start, stop, batch_size):
+        yield torch.arange(first, min(first + batch_size, stop))
 
 
 @torch.no_grad()
-def split_statistics(head: torch.nn.Module, fs: FeatureSet, num_classes: int, batch_size: int,
-                     device: torch.device, with_features: bool) -> SplitStatistics:
-    rank, world = dist.world_info()
-    start, stop = dist.shard_bounds(len(fs), rank, world)
+def local_split_statistics(head: torch.nn.Module, fs: FeatureSet, num_classes: int, batch_size: int,
+                           device: torch.device, with_features: bool) -> SplitStatistics:
+    """This rank's shard of `fs`: confusion counts and (optionally) per-class feature sums, on the CPU."""
     k = num_classes
     flat = torch.zeros(k * k, dtype=torch.int64, device=device)
     sums = torch.zeros(k, fs.num_features, dtype=torch.float64, device=device) if with_features else None
-    for index in _batches(start, stop, batch_size):
+    for index in _shard_batches(len(fs), batch_size):
         x = fs.take(index).to(device)
         y = fs.labels[index].to(device)
-        pred = head(x).argmax(dim=1)
-        flat += torch.bincount(y * k + pred, minlength=k * k)
+        flat += torch.bincount(y * k + head(x).argmax(dim=1), minlength=k * k)
         if with_features:
             sums.index_add_(0, y, x.to(torch.float64))
-    counts = dist.all_reduce_sum(flat).view(k, k)
-    sums = dist.all_reduce_sum(sums) if with_features else None
-    return SplitStatistics(counts.cpu(), None if sums is None else sums.cpu(), counts.sum(1).cpu())
+    return SplitStatistics(flat.view(k, k).cpu(), None if sums is None else sums.cpu())
+
+
+def split_statistics(head: torch.nn.Module, fs: FeatureSet, num_classes: int, batch_size: int,
+                     device: torch.device, with_features: bool) -> SplitStatistics:
+    """Global statistics of `fs` (sharded pass, then one reduction)."""
+    return local_split_statistics(head, fs, num_classes, batch_size, device, with_features).all_reduce()
 
 
 @torch.no_grad()
-def pseudo_labels(head: torch.nn.Module, fs: FeatureSet, batch_size: int, device: torch.device,
-                  threshold: float, log_prior: torch.Tensor | None) -> torch.Tensor:
-    """Hard pseudo-labels int64[N] of an unlabeled split, identical on every rank.
+def local_pseudo_labels(head: torch.nn.Module, fs: FeatureSet, batch_size: int, device: torch.device,
+                        threshold: float, log_prior: torch.Tensor | None) -> torch.Tensor:
+    """Hard pseudo-labels int64[n_shard] of this rank's contiguous shard of an unlabeled split.
 
-    Each rank labels its own shard with the current head (argmax of logits − τ·log prior when
-    `log_prior` is given; −1 below the softmax confidence `threshold`), then the shards are gathered in
-    rank order, which is index order because the shards are contiguous.
+    argmax of logits − τ·log prior when `log_prior` (already scaled by τ) is given; −1 where the softmax
+    confidence is below `threshold`.
     """
-    rank, world = dist.world_info()
-    start, stop = dist.shard_bounds(len(fs), rank, world)
     parts = [torch.empty(0, dtype=torch.int64)]
-    for index in _batches(start, stop, batch_size):
+    for index in _shard_batches(len(fs), batch_size):
         logits = head(fs.take(index).to(device)).to(torch.float64)
         if log_prior is not None:
             logits = logits - log_prior.to(logits.device)
         conf, label = logits.softmax(dim=1).max(dim=1)
         label[conf < threshold] = -1
         parts.append(label.cpu())
-    return dist.all_gather_cat(torch.cat(parts))
+    return torch.cat(parts)
+
+
+def gather_pseudo_labels(local: torch.Tensor) -> torch.Tensor:
+    """All shards' pseudo-labels int64[N] on every rank; rank order is index order (contiguous shards)."""
+    return dist.all_gather_cat(local)

@@ -39,7 +39,12 @@ from selmix_dist.train import checkpoint as ckpt
 from selmix_dist.train.config import Config, save_config
 from selmix_dist.train.featuresets import FeatureSet, TrainData
 from selmix_dist.train.monitor import Monitor
-from selmix_dist.train.statistics import pseudo_labels, split_statistics
+from selmix_dist.train.statistics import (
+    gather_pseudo_labels,
+    local_pseudo_labels,
+    local_split_statistics,
+    split_statistics,
+)
 
 _SIGNALS_SEEN: list[int] = []
 
@@ -59,6 +64,20 @@ class RefreshState:
     distribution: torch.Tensor      # float64[K, K]
     partner_labels: torch.Tensor    # int64[N2]: labeled labels, or pseudo-labels (−1: none)
     timings: dict[str, float] = field(default_factory=dict)
+
+
+class _Clock:
+    """Named wall-clock laps (seconds) plus their total."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._last = self._start = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self._last
+        self.laps["total"] = now - self._start
+        self._last = now
 
 
 class Trainer:
@@ -234,18 +253,20 @@ class Trainer:
 
     def refresh(self) -> RefreshState:
         """Recompute C, prototypes, multipliers, G, P and pseudo-labels at the current step."""
-        cfg, t0 = self.cfg, time.perf_counter()
+        cfg, clock = self.cfg, _Clock()
         head = self._plain_head()
-        stats = split_statistics(head, self.data.val, self.k, cfg.data.eval_batch_size, self.device,
-                                 with_features=True)
-        t_eval = time.perf_counter()
+        local = local_split_statistics(head, self.data.val, self.k, cfg.data.eval_batch_size, self.device,
+                                       with_features=True)
+        local_pseudo = None
         if cfg.selmix.setting == "semi":
-            log_prior = self.log_prior * cfg.selmix.pseudo_logit_adjust if cfg.selmix.pseudo_logit_adjust else None
-            partner_labels = pseudo_labels(head, self.partners, cfg.data.eval_batch_size, self.device,
-                                           cfg.selmix.pseudo_threshold, log_prior)
-        else:
-            partner_labels = self.data.labeled.labels
-        t_pseudo = time.perf_counter()
+            scaled_prior = self.log_prior * cfg.selmix.pseudo_logit_adjust if cfg.selmix.pseudo_logit_adjust else None
+            local_pseudo = local_pseudo_labels(head, self.partners, cfg.data.eval_batch_size, self.device,
+                                               cfg.selmix.pseudo_threshold, scaled_prior)
+        clock.lap("eval")
+        stats = local.all_reduce()
+        partner_labels = (gather_pseudo_labels(local_pseudo) if local_pseudo is not None
+                          else self.data.labeled.labels)
+        clock.lap("all_reduce")
         joint = stats.counts.to(torch.float64) / stats.counts.sum()
         prototypes = stats.prototypes()
         self.objective.update_multipliers(joint)
@@ -260,14 +281,14 @@ class Trainer:
                                prior=cfg.selmix.prior, mixup_mean=(cfg.selmix.mixup_min + 1) / 2).cpu()
             distribution = selmix_distribution(gain, temperature=cfg.selmix.temperature, eps=cfg.selmix.eps,
                                                positive_only=cfg.selmix.positive_only).cpu()
-        t_gain = time.perf_counter()
+        clock.lap("gain")
+        # Every rank computed the same P from the same reduced statistics; rank 0's copy is authoritative.
         distribution = dist.broadcast_tensor(distribution)
-        t_reduce = time.perf_counter()
+        clock.lap("broadcast")
         state = RefreshState(self.step, stats.counts, prototypes, gain, distribution, partner_labels)
         self._build_sampler(state)
-        t_sampler = time.perf_counter()
-        state.timings = {"eval": t_eval - t0, "pseudo_label": t_pseudo - t_eval, "gain": t_gain - t_pseudo,
-                         "broadcast": t_reduce - t_gain, "sampler": t_sampler - t_reduce, "total": t_sampler - t0}
+        clock.lap("sampler")
+        state.timings = clock.laps
         self.refresh_state = state
         return state
 
