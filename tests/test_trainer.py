@@ -193,3 +193,14 @@ def test_deepspeed_zero2_smoke_two_cpu_processes(tmp_path):
     assert (head["distributed_type"], head["world_size"]) == ("DEEPSPEED", 2)
     assert torch.isfinite(head["weight"]).all() and head["summary"]["step"] == 20, proc.stdout[-2000:]
     assert (tmp_path / "report.json").exists()
+
+
+def test_early_stop_when_max_gain_is_stable(tmp_path):
+    # window 2 with a huge tolerance: converged at the second refresh (step 10), identically on all ranks.
+    ok(run_script(tmp_path, "run.early_stop=true", "run.early_stop_window=2", "run.early_stop_tol=100"))
+    summary = final_head(tmp_path)["summary"]
+    assert (summary["stopped_by"], summary["step"]) == ("early_stop", 10)
+    assert max(h["step"] for h in history(tmp_path)) == 10 and (tmp_path / "report.json").exists()
+    # with an impossible tolerance the same run goes the distance
+    ok(run_script(tmp_path / "full", "run.early_stop=true", "run.early_stop_window=2", "run.early_stop_tol=0"))
+    assert final_head(tmp_path / "full")["summary"]["step"] == 60

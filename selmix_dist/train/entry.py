@@ -49,7 +49,8 @@ def online_train_data(cfg: Config, device: torch.device) -> TrainData:
 
     if not cfg.data.split_dir:
         raise ValueError("model.mode=online needs config key 'data.split_dir'")
-    backbone = build_backbone(cfg.model.backbone, cfg.model.weights).to(device)
+    backbone = build_backbone(cfg.model.backbone, cfg.model.weights, seed=cfg.run.seed,
+                              image_size=cfg.model.image_size or None).to(device)
     train_tf, eval_tf = backbone.transform(train=True), backbone.transform(train=False)
     sets: dict[str, Any] = {}
     for role, split in _split_names(cfg).items():

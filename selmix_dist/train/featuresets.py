@@ -8,6 +8,7 @@ the image source is random-access), so partners drawn from the global P never ne
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,7 +48,7 @@ class OnlineFeatureSet(FeatureSet):
     """Images through a frozen backbone at every access (mode 'online').
 
     `load(i) -> PIL image`; `train_tf` / `eval_tf` map a PIL image to a tensor[3, H, W]. Training draws
-    seed torch's RNG from (seed, rank, step) first, so augmentations are reproducible on resume.
+    seed the global RNGs from (seed, rank, step) first, so augmentations are reproducible on resume.
     """
 
     def __init__(self, load: Callable[[int], object], labels: torch.Tensor, backbone: torch.nn.Module,
@@ -64,7 +65,10 @@ class OnlineFeatureSet(FeatureSet):
     @torch.no_grad()
     def take(self, index: torch.Tensor, *, augment_seed: tuple[int, ...] | None = None) -> torch.Tensor:
         if augment_seed is not None:
-            torch.manual_seed(derive_seed(*augment_seed))
+            # timm's random-resized-crop draws from Python's `random`, torchvision's from torch's RNG.
+            seed = derive_seed(*augment_seed)
+            random.seed(seed)
+            torch.manual_seed(seed)
         tf = self.train_tf if augment_seed is not None else self.eval_tf
         batch = torch.stack([tf(self.load(int(i))) for i in index.tolist()]).to(self.device)
         return self.backbone(batch).float()

