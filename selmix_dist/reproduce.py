@@ -348,3 +348,170 @@ def metric_means(records: Sequence[dict], rho_u: float, split: str = "test") -> 
         if mine:
             out[method] = {m: mean_std([r[m] for r in mine])[0] for m in METRICS}
     return out
+
+
+def own_metric(objective: str) -> str:
+    """The metric an objective is judged on (its target metric; constraints are reported alongside)."""
+    return build_objective(objective, NUM_CLASSES).target_metric
+
+
+def acceptance_checks(records: Sequence[dict], rho_u: float) -> list[dict]:
+    """Per SelMix objective: its own test metric (mean over seeds) against the FixMatch-LA start and against
+    every baseline; the coverage-constrained ones also report whether min coverage ≥ α/K held on average."""
+    means = metric_means(records, rho_u)
+    baselines = [m for m in means if not m.startswith("selmix_")]
+    out = []
+    for objective in SELMIX_OBJECTIVES:
+        method = f"selmix_{objective}"
+        if method not in means:
+            continue
+        metric = own_metric(objective)
+        mine = means[method]
+        check = {"rho_u": rho_u, "method": method, "metric": metric, "value": mine[metric],
+                 "beaten_by": {b: means[b][metric] for b in baselines if means[b][metric] > mine[metric]}}
+        if "fixmatch_la" in means:
+            start = means["fixmatch_la"]
+            check["gain_over_start"] = mine[metric] - start[metric]
+            check["mean_recall_change"] = mine["mean_recall"] - start["mean_recall"]
+        alpha = OBJECTIVE_PARAMS[objective].get("alpha")
+        if alpha is not None:
+            check["coverage_target"] = alpha / NUM_CLASSES
+            check["min_coverage"] = mine["min_coverage"]
+        out.append(check)
+    return out
+
+
+def checks_markdown(checks: Sequence[dict]) -> str:
+    """Plain lines: each SelMix objective on its own metric vs its start and the baselines (points = %)."""
+    lines = []
+    for c in checks:
+        text = f"- ρ_u={c['rho_u']:g} {METHODS[c['method']]}: {c['metric']} {100 * c['value']:.1f}"
+        if "gain_over_start" in c:
+            text += (f" ({100 * c['gain_over_start']:+.1f} over the FixMatch-LA start; mean recall "
+                     f"{100 * c['mean_recall_change']:+.1f})")
+        if "coverage_target" in c:
+            text += f"; min coverage {100 * c['min_coverage']:.2f} (target ≥ {100 * c['coverage_target']:.2f})"
+        if c["beaten_by"]:
+            text += "; NOT above: " + ", ".join(f"{METHODS[b]} {100 * v:.1f}" for b, v in c["beaten_by"].items())
+        else:
+            text += "; at or above every baseline"
+        lines.append(text)
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------- driver
+@dataclass
+class ReproduceConfig:
+    """Everything `reproduce` needs; tools/reproduce.py fills it from the command line."""
+
+    data: Path
+    out: Path
+    cache: Path
+    seeds: Sequence[int] = (0, 1, 2)
+    rho_us: Sequence[float] = (100.0, 1.0)
+    image_size: int = 128
+    subset: tuple[int, int] | None = None     # (train, test) images per class; None: all of CIFAR-10
+    spec: LTSplitSpec = dataclasses.field(default_factory=LTSplitSpec)
+    hyper: Hyper = dataclasses.field(default_factory=Hyper)
+    methods: Sequence[str] | None = None
+    extract_batch_size: int = 128
+    progress: bool = False
+
+
+def feature_cache_dir(cfg: ReproduceConfig) -> Path:
+    sub = "" if cfg.subset is None else f"-sub{cfg.subset[0]}-{cfg.subset[1]}"
+    return cfg.cache / "reproduce" / f"lite0-{cfg.image_size}{sub}"
+
+
+def load_cifar10_features(cfg: ReproduceConfig, log: Callable[[str], None] = print
+                          ) -> tuple[CachedSplit, CachedSplit, list[str], float]:
+    """(train rows, test rows, class names, extraction seconds) — extracting only what the cache lacks."""
+    from selmix_dist.data.sources import open_source
+
+    root = cifar10_root(cfg.data, cfg.cache)
+    cache_dir = feature_cache_dir(cfg)
+    backbone = lite0_backbone(cfg.image_size)
+    out, seconds, names = [], 0.0, None
+    for i, split in enumerate(("train", "test")):
+        source = open_source("imagefolder", root / split)
+        if names is not None and list(source.class_names) != names:
+            raise ValueError(f"{root / split} has classes {source.class_names}, train has {names}")
+        names = list(source.class_names)
+        positions = first_per_class(source.labels(), None if cfg.subset is None else cfg.subset[i])
+        rows, sec = cached_features(source, positions, backbone, cache_dir, split,
+                                    batch_size=cfg.extract_batch_size, progress=cfg.progress)
+        log(f"features {split}: {len(rows.labels)} images, d={rows.features.shape[1]}, "
+            + (f"extracted in {sec:.0f} s ({len(rows.labels) / sec:.1f} img/s)" if sec else "cached")
+            + f" [{cache_dir}]")
+        out.append(rows)
+        seconds += sec
+    if len(names) != NUM_CLASSES:
+        raise ValueError(f"{root} has {len(names)} classes, CIFAR-10 has {NUM_CLASSES}")
+    return out[0], out[1], names, seconds
+
+
+def reproduce(cfg: ReproduceConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Features, then every (ρ_u, seed, method): per-seed validation and test metrics, timings, checks.
+    Writes results.json, results.csv and tables.md under ``cfg.out``; returns the results dict."""
+    from selmix_dist import distributed as dist
+
+    t0 = time.perf_counter()
+    train, test, names, extract_s = load_cifar10_features(cfg, log)
+    t_features = time.perf_counter() - t0
+    accelerator = dist.make_accelerator()
+    records: list[dict] = []
+    timings: dict[str, Any] = {"features_total_s": t_features, "features_extract_s": extract_s, "runs": []}
+    for rho_u in cfg.rho_us:
+        for seed in cfg.seeds:
+            t_run = time.perf_counter()
+            data, rows = lt_train_data(train, test, cfg.spec, rho_u, seed, names)
+            log(f"ρ_u={rho_u:g} seed={seed}: labeled {len(rows['labeled'])}, unlabeled {len(rows['unlabeled'])}"
+                f", val {len(rows['val'])}, test {len(data.test)}")
+            run_root = cfg.out / "runs" / f"rho_u{rho_u:g}" / f"seed{seed}"
+            heads, seconds = run_methods(data, cfg.hyper, seed, run_root, accelerator, cfg.methods, log)
+            head_mask, _ = head_tail_masks(data.train_class_counts())
+            for split, fs in (("val", data.val), ("test", data.test)):
+                for method, metrics in evaluate_heads(heads, fs, head_mask).items():
+                    records.append({"rho_u": rho_u, "seed": seed, "method": method, "split": split,
+                                    "seconds": seconds[method], **metrics})
+            timings["runs"].append({"rho_u": rho_u, "seed": seed, "seconds": time.perf_counter() - t_run})
+    timings["training_total_s"] = sum(r["seconds"] for r in timings["runs"])
+    timings["total_s"] = time.perf_counter() - t0
+    result = {"config": _jsonable(cfg), "records": records, "timings": timings,
+              "checks": [c for rho_u in cfg.rho_us for c in acceptance_checks(records, rho_u)]}
+    write_results(result, cfg)
+    return result
+
+
+def _jsonable(cfg: ReproduceConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+
+
+def results_markdown(result: dict[str, Any]) -> str:
+    """The printed report: one table per ρ_u (test, mean ± std over seeds, %), the checks, the timings."""
+    cfg, records, t = result["config"], result["records"], result["timings"]
+    parts = []
+    for rho_u in cfg["rho_us"]:
+        seeds = sorted({r["seed"] for r in records if r["rho_u"] == rho_u})
+        parts.append(f"CIFAR-10-LT, ρ_l={cfg['spec']['rho_l']:g}, ρ_u={rho_u:g}: test metrics in %, mean ± std "
+                     f"(sample std, ddof=1) over seeds {seeds}\n\n" + table_markdown(records, rho_u))
+    parts.append(checks_markdown(result["checks"]))
+    parts.append(f"time: features {t['features_total_s']:.0f} s (extraction {t['features_extract_s']:.0f} s), "
+                 f"training+evaluation {t['training_total_s']:.0f} s, total {t['total_s']:.0f} s\n")
+    return "\n".join(parts)
+
+
+def write_results(result: dict[str, Any], cfg: ReproduceConfig) -> None:
+    """results.json (everything), results.csv (one line per rho_u/seed/method/split), tables.md."""
+    import csv
+    import json
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "results.json").write_text(json.dumps(result, indent=1, default=str))
+    columns = ["rho_u", "seed", "method", "split", *METRICS, "accuracy", "seconds"]
+    with (cfg.out / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(result["records"])
+    (cfg.out / "tables.md").write_text(results_markdown(result))

@@ -1,0 +1,62 @@
+"""launch/slurm/train.sbatch on a simulated two-node allocation, and requeue on SIGUSR1.
+
+Fake `srun`, `scontrol` and `accelerate` executables on PATH stand in for SLURM and the launcher: `srun`
+runs its command once per node with that node's SLURM_NODEID, as SLURM does, and `accelerate` records its
+arguments. If the template expanded $SLURM_NODEID in the batch shell, both nodes would claim rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
+
+
+def _fake(bin_dir: Path, name: str, body: str) -> None:
+    path = bin_dir / name
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+
+
+def test_sbatch_gives_each_node_its_own_machine_rank(tmp_path):
+    bin_dir, log = tmp_path / "bin", tmp_path / "launch.log"
+    bin_dir.mkdir()
+    _fake(bin_dir, "scontrol", 'printf "node-a\\nnode-b\\n"\n')
+    # srun: run the last argument (the bash -c script) once per node, like one task per node.
+    _fake(bin_dir, "srun", 'for n in 0 1; do SLURM_NODEID=$n bash -c "${@: -1}"; done\n')
+    _fake(bin_dir, "accelerate", f'echo "$@" >> {log}\n')
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-[a-b]",
+           "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "4", "SLURM_NODEID": "0"}
+    proc = subprocess.run(["bash", str(SBATCH), "configs/cifar10_lt/min_recall.yaml", "run.dir=runs/x"],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = log.read_text().splitlines()
+    assert len(lines) == 2
+    for rank, line in enumerate(lines):
+        args = line.split()
+        assert args[args.index("--machine_rank") + 1] == str(rank)
+        assert args[args.index("--num_processes") + 1] == "8"
+        assert args[args.index("--main_process_ip") + 1] == "node-a"
+        assert {"run.dir=runs/x", "run.requeue=true", "run.resume=auto"} <= set(args)
+    header = SBATCH.read_text()
+    assert "#SBATCH --signal=USR1@120" in header and "#SBATCH --requeue" in header
+
+
+def test_sigusr1_requeues_under_slurm(tmp_path):
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol.log"
+    bin_dir.mkdir()
+    _fake(bin_dir, "scontrol", f'echo "$@" >> {calls}\n')
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+           "OMP_NUM_THREADS": "1"}
+    script = REPO / "tests" / "scripts" / "synthetic_run.py"
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), "--signal-at", "7",
+                           "run.steps=40", "run.signal_poll_every=5", "run.requeue=true",
+                           "model.init_head_steps=30"], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert calls.read_text().split() == ["requeue", "4242"]
+    assert (tmp_path / "run" / "checkpoints" / "step_00000010.pt").exists()
