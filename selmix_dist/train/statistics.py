@@ -1,8 +1,9 @@
 """Sharded evaluation passes, reduced across ranks.
 
 Each rank processes the contiguous slice `shard_bounds(N, rank, world)` of a split — disjoint, no padding —
-and contributes integer counts and float64 sums; one all-reduce makes them global. So every sample is
-counted exactly once whatever the world size, and every rank ends with the same statistics.
+and contributes its predictions and float64 per-class feature sums; a gather and an all-reduce make them
+global. So every sample is counted exactly once whatever the world size, and every rank ends with the same
+statistics.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from dataclasses import dataclass
 import torch
 
 from selmix_dist import distributed as dist
+from selmix_dist.core import confusion_counts
 from selmix_dist.train.featuresets import FeatureSet
 
 
 @dataclass
 class SplitStatistics:
-    """Statistics of one split under the current head (this rank's shard, or global after `all_reduce`).
+    """Global statistics of one split under the current head, identical on every rank.
 
     counts: int64[K, K] confusion counts (rows true, columns predicted);
     feature_sums: float64[K, d] per-class feature sums (None when not requested).
@@ -30,14 +32,25 @@ class SplitStatistics:
     def class_counts(self) -> torch.Tensor:
         return self.counts.sum(1)
 
-    def all_reduce(self) -> SplitStatistics:
-        """Sums over ranks: every sample counted exactly once, identical on every rank."""
-        sums = None if self.feature_sums is None else dist.all_reduce_sum(self.feature_sums)
-        return SplitStatistics(dist.all_reduce_sum(self.counts), sums)
-
     def prototypes(self) -> torch.Tensor:
         """Class-mean features float64[K, d] (callers guarantee every class has a sample)."""
         return self.feature_sums / self.class_counts.clamp_min(1).to(torch.float64)[:, None]
+
+
+@dataclass
+class LocalPass:
+    """One rank's pass over its contiguous shard: predictions int64[n_shard], feature sums float64[K, d]."""
+
+    predictions: torch.Tensor
+    feature_sums: torch.Tensor | None
+
+    def reduce(self, labels: torch.Tensor, num_classes: int) -> SplitStatistics:
+        """Global statistics. Predictions are gathered (O(N) bytes rather than a K×K all-reduce, which is
+        530 MB at K = 8142) and counted once on every rank; feature sums are all-reduced."""
+        predictions = dist.all_gather_cat(self.predictions)
+        counts = confusion_counts(labels, predictions, num_classes)
+        sums = None if self.feature_sums is None else dist.all_reduce_sum(self.feature_sums)
+        return SplitStatistics(counts, sums)
 
 
 def _shard_batches(n: int, batch_size: int):
@@ -48,25 +61,23 @@ def _shard_batches(n: int, batch_size: int):
 
 
 @torch.no_grad()
-def local_split_statistics(head: torch.nn.Module, fs: FeatureSet, num_classes: int, batch_size: int,
-                           device: torch.device, with_features: bool) -> SplitStatistics:
-    """This rank's shard of `fs`: confusion counts and (optionally) per-class feature sums, on the CPU."""
-    k = num_classes
-    flat = torch.zeros(k * k, dtype=torch.int64, device=device)
-    sums = torch.zeros(k, fs.num_features, dtype=torch.float64, device=device) if with_features else None
+def local_pass(head: torch.nn.Module, fs: FeatureSet, num_classes: int, batch_size: int,
+               device: torch.device, with_features: bool) -> LocalPass:
+    """Predictions (and per-class feature sums) of this rank's shard of `fs`, on the CPU."""
+    preds = [torch.empty(0, dtype=torch.int64)]
+    sums = torch.zeros(num_classes, fs.num_features, dtype=torch.float64, device=device) if with_features else None
     for index in _shard_batches(len(fs), batch_size):
         x = fs.take(index).to(device)
-        y = fs.labels[index].to(device)
-        flat += torch.bincount(y * k + head(x).argmax(dim=1), minlength=k * k)
+        preds.append(head(x).argmax(dim=1).cpu())
         if with_features:
-            sums.index_add_(0, y, x.to(torch.float64))
-    return SplitStatistics(flat.view(k, k).cpu(), None if sums is None else sums.cpu())
+            sums.index_add_(0, fs.labels[index].to(device), x.to(torch.float64))
+    return LocalPass(torch.cat(preds), None if sums is None else sums.cpu())
 
 
 def split_statistics(head: torch.nn.Module, fs: FeatureSet, num_classes: int, batch_size: int,
                      device: torch.device, with_features: bool) -> SplitStatistics:
-    """Global statistics of `fs` (sharded pass, then one reduction)."""
-    return local_split_statistics(head, fs, num_classes, batch_size, device, with_features).all_reduce()
+    """Global statistics of `fs` (sharded pass, then one gather / reduction)."""
+    return local_pass(head, fs, num_classes, batch_size, device, with_features).reduce(fs.labels, num_classes)
 
 
 @torch.no_grad()

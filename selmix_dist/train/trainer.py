@@ -41,8 +41,8 @@ from selmix_dist.train.featuresets import FeatureSet, TrainData
 from selmix_dist.train.monitor import Monitor
 from selmix_dist.train.statistics import (
     gather_pseudo_labels,
+    local_pass,
     local_pseudo_labels,
-    local_split_statistics,
     split_statistics,
 )
 
@@ -54,15 +54,21 @@ def _on_signal(signum, _frame) -> None:
 
 
 @dataclass
-class RefreshState:
-    """What one refresh decides; P and the pseudo-labels are checkpointed so resume needs no recomputation."""
+class SamplingState:
+    """What the pair sampler is built from; checkpointed, so a resume draws exactly the same pairs."""
 
-    step: int
-    counts: torch.Tensor            # int64[K, K] validation confusion counts
-    prototypes: torch.Tensor        # float64[K, d]
-    gain: torch.Tensor              # float64[K, K]
-    distribution: torch.Tensor      # float64[K, K]
+    step: int                       # the refresh that decided it
+    distribution: torch.Tensor      # float64[K, K] P
     partner_labels: torch.Tensor    # int64[N2]: labeled labels, or pseudo-labels (−1: none)
+
+
+@dataclass
+class RefreshState(SamplingState):
+    """Everything one refresh measured and decided (logged, not checkpointed)."""
+
+    counts: torch.Tensor = None     # int64[K, K] validation confusion counts
+    prototypes: torch.Tensor = None  # float64[K, d]
+    gain: torch.Tensor = None       # float64[K, K]
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -116,15 +122,16 @@ class Trainer:
         self.step = 0
         self.best = {"metric": -math.inf, "step": -1}
         self.gain_history: list[float] = []
-        self.refresh_state: RefreshState | None = None
+        self.sampling: SamplingState | None = None
+        self._last_snapshot: dict | None = None  # P and G of the latest refresh, for the report
         if state is not None:
             self._load_state(resume_path, state, head, optimizer)
         # Load before prepare: DeepSpeed builds its master weights from the module at prepare time.
         dist.set_deepspeed_micro_batch(self.acc, cfg.optim.batch_size)
         self.head, self.optimizer = self.acc.prepare(head, optimizer)
         self.sampler: PairSampler | None = None  # built by the first refresh, or from the checkpoint
-        if self.refresh_state is not None:
-            self._build_sampler(self.refresh_state)
+        if self.sampling is not None:
+            self._build_sampler(self.sampling)
 
     # ----------------------------------------------------------------- set-up
     def _lr_factor(self, step: int) -> float:
@@ -219,11 +226,10 @@ class Trainer:
         self.best = dict(state["progress"]["best"])
         self.gain_history = list(state["progress"]["gain_history"])
         r = state["refresh"]
-        self.refresh_state = RefreshState(int(r["step"]), r["counts"], r["prototypes"], r["gain"],
-                                          r["distribution"], r["partner_labels"])
+        self.sampling = SamplingState(int(r["step"]), r["distribution"], r["partner_labels"])
 
     def state_dict(self) -> dict[str, Any]:
-        r = self.refresh_state
+        r = self.sampling
         uses_deepspeed = self.acc.distributed_type.name == "DEEPSPEED"
         return {
             "format_version": ckpt.FORMAT_VERSION,
@@ -235,8 +241,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "objective": self.objective.state_dict(),
             "convergence": self.convergence.state_dict(),
-            "refresh": {"step": r.step, "counts": r.counts, "prototypes": r.prototypes, "gain": r.gain,
-                        "distribution": r.distribution, "partner_labels": r.partner_labels},
+            "refresh": {"step": r.step, "distribution": r.distribution, "partner_labels": r.partner_labels},
             "progress": {"best": self.best, "gain_history": self.gain_history},
             "seed": self.cfg.run.seed,
         }
@@ -245,6 +250,10 @@ class Trainer:
         if dist.is_main_process():
             ckpt.atomic_torch_save(self.state_dict(), ckpt.step_path(self.ckpt_dir, self.step))
             ckpt.prune(self.ckpt_dir, self.cfg.run.keep_checkpoints)
+            # P and G of the latest refresh for the report; written with checkpoints, not every refresh
+            # (two K×K tensors: 530 MB at K = 8142).
+            if self._last_snapshot is not None:
+                ckpt.atomic_torch_save(self._last_snapshot, self.run_dir / "distribution_last.pt")
         dist.barrier()
 
     # ----------------------------------------------------------------- refresh
@@ -255,15 +264,14 @@ class Trainer:
         """Recompute C, prototypes, multipliers, G, P and pseudo-labels at the current step."""
         cfg, clock = self.cfg, _Clock()
         head = self._plain_head()
-        local = local_split_statistics(head, self.data.val, self.k, cfg.data.eval_batch_size, self.device,
-                                       with_features=True)
+        local = local_pass(head, self.data.val, self.k, cfg.data.eval_batch_size, self.device, with_features=True)
         local_pseudo = None
         if cfg.selmix.setting == "semi":
             scaled_prior = self.log_prior * cfg.selmix.pseudo_logit_adjust if cfg.selmix.pseudo_logit_adjust else None
             local_pseudo = local_pseudo_labels(head, self.partners, cfg.data.eval_batch_size, self.device,
                                                cfg.selmix.pseudo_threshold, scaled_prior)
         clock.lap("eval")
-        stats = local.all_reduce()
+        stats = local.reduce(self.data.val.labels, self.k)
         partner_labels = (gather_pseudo_labels(local_pseudo) if local_pseudo is not None
                           else self.data.labeled.labels)
         clock.lap("all_reduce")
@@ -285,14 +293,14 @@ class Trainer:
         # Every rank computed the same P from the same reduced statistics; rank 0's copy is authoritative.
         distribution = dist.broadcast_tensor(distribution)
         clock.lap("broadcast")
-        state = RefreshState(self.step, stats.counts, prototypes, gain, distribution, partner_labels)
+        state = RefreshState(self.step, distribution, partner_labels, stats.counts, prototypes, gain)
         self._build_sampler(state)
         clock.lap("sampler")
         state.timings = clock.laps
-        self.refresh_state = state
+        self.sampling = state
         return state
 
-    def _build_sampler(self, state: RefreshState) -> None:
+    def _build_sampler(self, state: SamplingState) -> None:
         self.sampler = PairSampler(self.data.labeled.labels, state.partner_labels, self.k)
         self.sampler.set_distribution(state.distribution)
 
@@ -338,7 +346,7 @@ class Trainer:
         try:
             while True:
                 if self.step % cfg.run.refresh_every == 0 and (
-                        self.refresh_state is None or self.refresh_state.step != self.step):
+                        self.sampling is None or self.sampling.step != self.step):
                     if self._refresh_and_log(monitor):
                         stopped_by = "early_stop"
                         break
@@ -394,12 +402,11 @@ class Trainer:
             monitor.image("selmix/P", p, step, order)
             monitor.image("selmix/G", state.gain, step, order)
         target = metrics[self.objective.target_metric]
+        self._last_snapshot = {"step": step, "P": p.to(torch.float32), "G": state.gain.to(torch.float32)}
         if dist.is_main_process():
-            snapshot = {"step": step, "P": p.to(torch.float32), "G": state.gain.to(torch.float32)}
             first = self.run_dir / "distribution_first.pt"
             if not first.exists():
-                ckpt.atomic_torch_save(snapshot, first)
-            ckpt.atomic_torch_save(snapshot, self.run_dir / "distribution_last.pt")
+                ckpt.atomic_torch_save(self._last_snapshot, first)
             if target > self.best["metric"]:
                 ckpt.atomic_torch_save({"step": step, "metric": target,
                                         "head": self.acc.unwrap_model(self.head).state_dict()},
@@ -416,7 +423,7 @@ class Trainer:
         return metrics
 
     def _finish(self, monitor: Monitor) -> None:
-        if self.refresh_state is None or self.refresh_state.step != self.step:
+        if self.sampling is None or self.sampling.step != self.step:
             self._log_eval(monitor, self.data.val, "val")
         if self.data.test is not None:
             self._log_eval(monitor, self.data.test, "test")
