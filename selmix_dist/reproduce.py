@@ -147,6 +147,11 @@ def lt_train_data(train: CachedSplit, test: CachedSplit, spec: LTSplitSpec, rho_
                             m1=spec.m1, rho_u=rho_u, n_val=spec.n_val, seed=seed,
                             class_names=list(class_names) if class_names else None)
     rows = {name: torch.from_numpy(parts[name]) for name in ("labeled", "unlabeled", "val")}
+    counts = torch.bincount(train.labels[rows["labeled"]], minlength=NUM_CLASSES)
+    if bool((counts == 0).any()):
+        empty = (counts == 0).nonzero().flatten().tolist()
+        raise ValueError(f"n1={spec.n1}, rho_l={spec.rho_l:g} leave class(es) {empty} without a labeled "
+                         "image (⌊n1/rho_l⌋ = 0); raise n1 or lower rho_l")
 
     def subset(name: str) -> FeatureSet:
         r = rows[name]

@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import shutil
 import tarfile
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from selmix_dist.reproduce import unpack_once
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -30,39 +31,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SELMIX_CACHE_DIR", REPO / ".cache"))
 
 
-def _unpack_once(archive: Path, cache: Path) -> Path:
-    """Unpack ``archive`` into ``cache/cifar10-jpeg`` unless a complete copy is there; return ``.../cifar10``.
-
-    Extraction goes to a temporary directory that is renamed into place with its marker already inside,
-    so a crashed or concurrent run never leaves a half-unpacked directory that looks complete.
-    """
-    target = cache / "cifar10-jpeg"
-    marker = target / ".unpacked"
-    if not marker.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".cifar10-jpeg-", dir=cache))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared by whoever runs the tests
-        try:
-            with tarfile.open(archive) as tar:
-                tar.extractall(tmp, filter="data")
-            (tmp / ".unpacked").write_text(f"{archive.name} {archive.stat().st_size}\n", encoding="utf-8")
-            try:
-                os.rename(tmp, target)
-            except OSError:
-                if not marker.is_file():  # not a concurrent winner: a real failure
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target / "cifar10"
-
-
 @pytest.fixture(scope="session")
 def cifar10_root() -> Path:
     """CIFAR-10 root with ``train/`` and ``test/`` ImageFolders (skips, with the reason, if no archive)."""
     archive = cifar10_tar()
     if not archive.is_file():
         pytest.skip(f"CIFAR-10 archive not found at {archive} (set SELMIX_CIFAR10_TAR)")
-    return _unpack_once(archive, cache_dir())
+    return unpack_once(archive, cache_dir())
 
 
 def _real_cifar10_sample(root: Path, per_class: int) -> bool:
