@@ -243,11 +243,12 @@ def _copy(head: torch.nn.Linear) -> torch.nn.Linear:
 
 
 def run_methods(data: TrainData, hp: Hyper, seed: int, run_root: Path, accelerator: Any,
-                methods: Sequence[str] | None = None,
-                log: Callable[[str], None] = print) -> tuple[dict[str, torch.nn.Linear], dict[str, float]]:
+                methods: Sequence[str] | None = None, log: Callable[[str], None] = print,
+                start: torch.nn.Linear | None = None) -> tuple[dict[str, torch.nn.Linear], dict[str, float]]:
     """Heads of the requested ``methods`` (default: all of METHODS) on one split, and seconds per method.
 
-    Every fine-tuned method starts from the FixMatch-LA analogue head, which itself starts from the LA head.
+    Every fine-tuned method starts from the FixMatch-LA analogue head (``start``, fitted here when None),
+    which itself starts from the LA head.
     """
     from selmix_dist.baselines import cost_sensitive_finetune, fit_head, posthoc_adjust, self_train_head
 
@@ -268,7 +269,9 @@ def run_methods(data: TrainData, hp: Hyper, seed: int, run_root: Path, accelerat
         log(f"    {name:<34s} {seconds[name]:6.1f} s")
         return heads[name]
 
-    needs_start = any(m not in ("erm", "erm_posthoc", "la") for m in wanted)
+    if start is not None:
+        heads["fixmatch_la"], seconds["fixmatch_la"] = start, 0.0
+    needs_start = start is None and any(m not in ("erm", "erm_posthoc", "la") for m in wanted)
     if "erm" in wanted or "erm_posthoc" in wanted:
         erm = timed("erm", lambda: fit_head(x, y, k, loss="ce", weight_decay=hp.weight_decay,
                                             max_iter=hp.fit_iters, seed=seed))
@@ -520,3 +523,60 @@ def write_results(result: dict[str, Any], cfg: ReproduceConfig) -> None:
         writer.writeheader()
         writer.writerows(result["records"])
     (cfg.out / "tables.md").write_text(results_markdown(result))
+
+
+# --------------------------------------------------------------------------------------------- tuning
+def tune(cfg: ReproduceConfig, lrs: Sequence[float], steps: Sequence[int], csst_lrs: Sequence[float],
+         log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Validation-only grid on the first seed and first ρ_u of ``cfg``: SelMix (every objective) over
+    lrs × steps, CSST-style over csst_lrs (at ``cfg.hyper.csst_steps``). Test data is never evaluated.
+
+    Returns {"selmix": [{"lr", "steps", <objective>: own val metric, "mean": their mean}],
+    "csst": [{"lr", <objective>: own val metric, "mean"}], "start": FixMatch-LA val metrics}; also written
+    to ``cfg.out/tuning.json`` and printed as two markdown tables.
+    """
+    import json
+
+    from selmix_dist import distributed as dist
+    from selmix_dist.report import markdown_table
+
+    train, test, names, _ = load_cifar10_features(cfg, log)
+    seed, rho_u = cfg.seeds[0], cfg.rho_us[0]
+    data, _ = lt_train_data(train, test, cfg.spec, rho_u, seed, names)
+    data.test = None  # nothing below may look at test
+    accelerator = dist.make_accelerator()
+    head_mask, _ = head_tail_masks(data.train_class_counts())
+    root = cfg.out / "tuning"
+    base, _ = run_methods(data, cfg.hyper, seed, root, accelerator, ["fixmatch_la"], log)
+    start = evaluate_heads(base, data.val, head_mask)["fixmatch_la"]
+
+    def score(heads: dict[str, torch.nn.Linear], prefix: str, row: dict) -> dict:
+        for method, metrics in evaluate_heads(heads, data.val, head_mask).items():
+            objective = method.removeprefix(prefix)
+            row[objective] = metrics[own_metric(objective)]
+        row["mean"] = float(np.mean([row[m.removeprefix(prefix)] for m in heads]))
+        log(f"  {row}")
+        return row
+
+    selmix_rows, csst_rows = [], []
+    for lr in lrs:
+        for n in steps:
+            hp = dataclasses.replace(cfg.hyper, lr=lr, steps=n)
+            wanted = [f"selmix_{o}" for o in SELMIX_OBJECTIVES]
+            heads, _ = run_methods(data, hp, seed, root / f"lr{lr:g}_steps{n}", accelerator, wanted, log,
+                                   start=base["fixmatch_la"])
+            selmix_rows.append(score(heads, "selmix_", {"lr": lr, "steps": n}))
+    for lr in csst_lrs:
+        hp = dataclasses.replace(cfg.hyper, csst_lr=lr)
+        wanted = [f"csst_{o}" for o in CSST_OBJECTIVES]
+        heads, _ = run_methods(data, hp, seed, root, accelerator, wanted, log, start=base["fixmatch_la"])
+        csst_rows.append(score(heads, "csst_", {"lr": lr, "steps": cfg.hyper.csst_steps}))
+    result = {"seed": seed, "rho_u": rho_u, "hyper": dataclasses.asdict(cfg.hyper), "start": start,
+              "selmix": selmix_rows, "csst": csst_rows}
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "tuning.json").write_text(json.dumps(result, indent=1))
+    log(f"validation (seed {seed}, ρ_u={rho_u:g}), own metric of each objective; FixMatch-LA start: "
+        + ", ".join(f"{m} {start[m]:.4f}" for m in METRICS))
+    log(markdown_table(selmix_rows, ["lr", "steps", *SELMIX_OBJECTIVES, "mean"]))
+    log(markdown_table(csst_rows, ["lr", "steps", *CSST_OBJECTIVES, "mean"]))
+    return result

@@ -15,12 +15,20 @@ import os
 import sys
 from pathlib import Path
 
-from selmix_dist.reproduce import METHODS, Hyper, LTSplitSpec, ReproduceConfig, reproduce, results_markdown
+from selmix_dist.reproduce import (
+    METHODS,
+    Hyper,
+    LTSplitSpec,
+    ReproduceConfig,
+    reproduce,
+    results_markdown,
+    tune,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def parse_args(argv: list[str] | None = None) -> ReproduceConfig:
+def parse_args(argv: list[str] | None = None) -> tuple[ReproduceConfig, argparse.Namespace]:
     hp, spec = Hyper(), LTSplitSpec()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"),
@@ -45,21 +53,31 @@ def parse_args(argv: list[str] | None = None) -> ReproduceConfig:
     p.add_argument("--selftrain-steps", type=int, default=hp.selftrain_steps,
                    help="steps of the FixMatch-LA analogue (the SelMix start)")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, help="subset of methods")
+    p.add_argument("--tune", action="store_true",
+                   help="instead of the reproduction: the validation-only grid below on the first seed and ρ_u")
+    p.add_argument("--tune-lr", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3], help="SelMix lr grid")
+    p.add_argument("--tune-steps", type=int, nargs="+", default=[1000, 3000], help="SelMix steps grid")
+    p.add_argument("--tune-csst-lr", type=float, nargs="+", default=[0.003, 0.01, 0.03], help="CSST lr grid")
     p.add_argument("--extract-batch-size", type=int, default=128)
     p.add_argument("--progress", action="store_true", help="progress bars during feature extraction")
     a = p.parse_args(argv)
     hyper = Hyper(steps=a.steps, csst_steps=a.steps, lr=a.lr, csst_lr=a.csst_lr, temperature=a.temperature,
                   selftrain_steps=a.selftrain_steps)
-    return ReproduceConfig(
+    cfg = ReproduceConfig(
         data=Path(a.data), out=Path(a.out), cache=Path(a.cache), seeds=a.seeds, rho_us=a.rho_u,
         image_size=a.image_size, subset=tuple(a.subset) if a.subset else None,
         spec=LTSplitSpec(n1=a.n1, m1=a.m1, rho_l=a.rho_l, n_val=a.n_val), hyper=hyper, methods=a.methods,
         extract_batch_size=a.extract_batch_size, progress=a.progress)
+    return cfg, a
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    result = reproduce(cfg, log=lambda line: print(line, flush=True))
+    cfg, a = parse_args(argv)
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    if a.tune:
+        tune(cfg, a.tune_lr, a.tune_steps, a.tune_csst_lr, log=log)
+        return 0
+    result = reproduce(cfg, log=log)
     print()
     print(results_markdown(result))
     print(f"results: {cfg.out / 'results.json'}, {cfg.out / 'results.csv'}, {cfg.out / 'tables.md'}")

@@ -1,0 +1,1 @@
+"""The SelMix trainer: `train(load_config(path, overrides))`, or `Trainer(cfg, TrainData(...)).run()`."""
