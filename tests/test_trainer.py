@@ -204,3 +204,36 @@ def test_early_stop_when_max_gain_is_stable(tmp_path):
     # with an impossible tolerance the same run goes the distance
     ok(run_script(tmp_path / "full", "run.early_stop=true", "run.early_stop_window=2", "run.early_stop_tol=0"))
     assert final_head(tmp_path / "full")["summary"]["step"] == 60
+
+
+def test_pseudo_labelling_every_nth_refresh(tmp_path, monkeypatch):
+    sys.path.insert(0, str(SCRIPT.parent))
+    from synthetic_run import synthetic_data
+
+    from selmix_dist.train import trainer as trainer_module
+    from selmix_dist.train.config import load_config
+
+    calls = []
+    real = trainer_module.local_pseudo_labels
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "local_pseudo_labels", counting)
+    cfg = load_config(None, [f"run.dir={tmp_path}", *COMMON, "selmix.pseudo_label_every=3", "log.progress=false"])
+    trainer = trainer_module.Trainer(cfg, synthetic_data())
+    labels_at = {}
+    refresh = trainer.refresh
+
+    def recording_refresh():
+        state = refresh()
+        labels_at[trainer.step] = state.partner_labels
+        return state
+
+    trainer.refresh = recording_refresh
+    trainer.run()
+    trainer.acc.end_training()
+    assert sorted(labels_at) == [0, 10, 20, 30, 40, 50, 60]
+    assert len(calls) == 3  # refreshes 0, 3 and 6 (steps 0, 30, 60)
+    assert labels_at[10] is labels_at[0] and labels_at[50] is labels_at[30]

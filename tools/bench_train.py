@@ -4,8 +4,9 @@
     python tools/bench_train.py --procs 1 --json     # one JSON object per row
     python tools/bench_train.py --classes 100 --labeled 20000 --unlabeled 50000 --val 5000   # smaller
 
-Prints, per world size: the time of one training step (batch `--batch-size` per rank), one refresh split
-into evaluation (validation pass + pseudo-labelling of the rank's unlabeled shard), all-reduce/gather,
+Prints, per world size: the time of one training step (batch `--batch-size` per rank), the mean of
+`--refreshes` consecutive refreshes split into evaluation (validation pass + pseudo-labelling of the rank's
+unlabeled shard, every `--pseudo-label-every` refreshes), all-reduce/gather,
 gain (multipliers, G, P), broadcast and sampler rebuild, the refresh in units of training steps (goal: < 10),
 and peak resident memory per rank. The 2-process rows are measured by re-launching this script under
 `accelerate launch` (gloo on CPU; NCCL on GPUs).
@@ -31,7 +32,7 @@ from selmix_dist.train.config import load_config
 from selmix_dist.train.featuresets import FeatureSet, TrainData
 from selmix_dist.train.trainer import Trainer
 
-COLUMNS = ("procs", "K", "d", "step_ms", "refresh_s", "eval_s", "all_reduce_s", "gain_s", "broadcast_s",
+COLUMNS = ("procs", "K", "d", "pseudo_every", "step_ms", "refresh_s", "eval_s", "all_reduce_s", "gain_s", "broadcast_s",
            "sampler_s", "refresh_in_steps", "peak_rss_mb")
 
 
@@ -53,12 +54,16 @@ def measure(args) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, [f"run.dir={tmp}/run", "log.progress=false", "log.tensorboard=false",
                                  f"optim.batch_size={args.batch_size}", f"objective.name={args.objective}",
-                                 f"data.eval_batch_size={args.eval_batch_size}", "run.resume=never"])
+                                 f"data.eval_batch_size={args.eval_batch_size}", "run.resume=never",
+                                 f"selmix.pseudo_label_every={args.pseudo_label_every}"])
         head = torch.nn.Linear(args.dim, args.classes)
         torch.nn.init.normal_(head.weight, std=0.05, generator=torch.Generator().manual_seed(0))
         trainer = Trainer(cfg, data, init_head=head)
         trainer.refresh()  # warm-up: allocations, first GEMMs
-        refreshes = [trainer.refresh().timings for _ in range(args.refreshes)]
+        refreshes = []
+        for _ in range(args.refreshes):  # consecutive refreshes, so pseudo-labelling is amortised as in a run
+            trainer.step += cfg.run.refresh_every
+            refreshes.append(trainer.refresh().timings)
         for _ in range(3):
             trainer.train_step()
         dist.barrier()
@@ -68,14 +73,16 @@ def measure(args) -> dict[str, float]:
             trainer.step += 1
         dist.barrier()
         step_s = (time.perf_counter() - t0) / args.steps
+        mean = {k: sum(r[k] for r in refreshes) / len(refreshes) for k in refreshes[0]}
+        peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])
+        _, world = dist.world_info()
+        row = {"procs": world, "K": args.classes, "d": args.dim, "pseudo_every": args.pseudo_label_every,
+               "step_ms": 1e3 * step_s, "refresh_s": mean["total"], "eval_s": mean["eval"],
+               "all_reduce_s": mean["all_reduce"], "gain_s": mean["gain"], "broadcast_s": mean["broadcast"],
+               "sampler_s": mean["sampler"], "refresh_in_steps": mean["total"] / step_s,
+               "peak_rss_mb": float(dist.all_reduce_max(peak))}
         trainer.acc.end_training()
-    mean = {k: sum(r[k] for r in refreshes) / len(refreshes) for k in refreshes[0]}
-    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])
-    _, world = dist.world_info()
-    return {"procs": world, "K": args.classes, "d": args.dim, "step_ms": 1e3 * step_s,
-            "refresh_s": mean["total"], "eval_s": mean["eval"], "all_reduce_s": mean["all_reduce"],
-            "gain_s": mean["gain"], "broadcast_s": mean["broadcast"], "sampler_s": mean["sampler"],
-            "refresh_in_steps": mean["total"] / step_s, "peak_rss_mb": float(dist.all_reduce_max(peak))}
+    return row
 
 
 def launch_two(args, argv: list[str]) -> dict[str, float]:
@@ -101,6 +108,7 @@ def main() -> int:
     p.add_argument("--objective", default="min_recall")
     p.add_argument("--steps", type=int, default=50, help="timed training steps")
     p.add_argument("--refreshes", type=int, default=2, help="timed refreshes (after one warm-up)")
+    p.add_argument("--pseudo-label-every", type=int, default=1, help="selmix.pseudo_label_every")
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2], choices=[1, 2])
     p.add_argument("--json", action="store_true", help="one JSON object per row")
     p.add_argument("--worker-out", help=argparse.SUPPRESS)

@@ -84,6 +84,8 @@ class SelMixConfig:
     prior: str = doc("Class prior in dC/dA: 'balanced' (K) or 'empirical' (validation row sums).", "balanced")
     mixup_min: float = doc("λ ~ U[mixup_min, 1]; the gain uses the mean (mixup_min + 1) / 2.", 0.6)
     pseudo_threshold: float = doc("Confidence threshold for pseudo-labels (0: plain argmax).", 0.0)
+    pseudo_label_every: int = doc("Refreshes between pseudo-labelling passes over the unlabeled split "
+                                  "(1: every refresh, as in the paper; larger amortises a big unlabeled set).", 1)
     pseudo_logit_adjust: float = doc("τ of logit adjustment applied before pseudo-labelling (0: none).", 0.0)
 
 
@@ -254,6 +256,7 @@ def validate(cfg: Config) -> None:
         "optim.lr": cfg.optim.lr > 0,
         "selmix.temperature": cfg.selmix.temperature > 0,
         "data.eval_batch_size": cfg.data.eval_batch_size > 0,
+        "selmix.pseudo_label_every": cfg.selmix.pseudo_label_every > 0,
     }
     for key, ok in positive.items():
         if not ok:

@@ -266,14 +266,16 @@ class Trainer:
         head = self._plain_head()
         local = local_pass(head, self.data.val, self.k, cfg.data.eval_batch_size, self.device, with_features=True)
         local_pseudo = None
-        if cfg.selmix.setting == "semi":
+        if cfg.selmix.setting == "semi" and self._pseudo_label_due():
             scaled_prior = self.log_prior * cfg.selmix.pseudo_logit_adjust if cfg.selmix.pseudo_logit_adjust else None
             local_pseudo = local_pseudo_labels(head, self.partners, cfg.data.eval_batch_size, self.device,
                                                cfg.selmix.pseudo_threshold, scaled_prior)
         clock.lap("eval")
         stats = local.reduce(self.data.val.labels, self.k)
-        partner_labels = (gather_pseudo_labels(local_pseudo) if local_pseudo is not None
-                          else self.data.labeled.labels)
+        if local_pseudo is not None:
+            partner_labels = gather_pseudo_labels(local_pseudo)
+        else:
+            partner_labels = self.sampling.partner_labels if cfg.selmix.setting == "semi" else self.data.labeled.labels
         clock.lap("all_reduce")
         joint = stats.counts.to(torch.float64) / stats.counts.sum()
         prototypes = stats.prototypes()
@@ -299,6 +301,11 @@ class Trainer:
         state.timings = clock.laps
         self.sampling = state
         return state
+
+    def _pseudo_label_due(self) -> bool:
+        """Pseudo-label at the first refresh and then every `selmix.pseudo_label_every` refreshes."""
+        refresh_index = self.step // self.cfg.run.refresh_every
+        return self.sampling is None or refresh_index % self.cfg.selmix.pseudo_label_every == 0
 
     def _build_sampler(self, state: SamplingState) -> None:
         self.sampler = PairSampler(self.data.labeled.labels, state.partner_labels, self.k)
