@@ -62,21 +62,21 @@ def _comm_device(tensor: torch.Tensor) -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum of `tensor` over ranks (a new tensor on the input's device; the input is not modified)."""
+def _all_reduce(tensor: torch.Tensor, op) -> torch.Tensor:
+    """`op` over ranks, as a new tensor on the input's device (the input is not modified)."""
     if not is_initialized():
         return tensor.clone()
     buf = tensor.detach().to(_comm_device(tensor)).clone()
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    dist.all_reduce(buf, op=op)
     return buf.to(tensor.device)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    if not is_initialized():
-        return tensor.clone()
-    buf = tensor.detach().to(_comm_device(tensor)).clone()
-    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
-    return buf.to(tensor.device)
+    return _all_reduce(tensor, dist.ReduceOp.MAX)
 
 
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:

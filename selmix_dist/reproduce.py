@@ -197,16 +197,17 @@ class Hyper:
     the README's results section; nothing here was chosen on a test set."""
 
     weight_decay: float = 5e-4        # every head: ERM / LA fits, self-training, CSST, mixup, SelMix
-    fit_iters: int = 500              # L-BFGS iterations of the ERM and LA heads
+    fit_iters: int = 200              # L-BFGS iterations (float32) of the ERM and LA heads
     selftrain_steps: int = 2000       # FixMatch-LA analogue (threshold 0.95, λ_u = 1, μ = 2, batch 64)
-    selftrain_lr: float = 0.03
-    steps: int = 2000                 # SelMix and uniform-mixup fine-tuning steps (cosine to 0)
-    lr: float = 0.1                   # their SGD learning rate (no momentum, as the release)
+    selftrain_lr: float = 3e-3
+    steps: int = 2000                 # fine-tuning steps of SelMix, uniform mixup and CSST (cosine to 0)
+    lr: float = 1e-3                  # their SGD learning rate (no momentum, as the release)
     temperature: float = 0.1          # T of P = softmax(G / T)
     refresh_every: int = 50
     batch_size: int = 64
-    csst_steps: int = 2000            # CSST-style fine-tuning from the same start head
-    csst_lr: float = 0.01             # (SGD, Nesterov momentum 0.9)
+    # CSST-style fine-tuning from the same start head (SGD, Nesterov momentum 0.9), lr per objective
+    csst_lrs: dict[str, float] = dataclasses.field(default_factory=lambda: {
+        "mean_recall": 3e-4, "min_recall": 3e-4, "mean_recall_min_coverage": 3e-4})
 
     def describe(self) -> str:
         return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
@@ -244,11 +245,15 @@ def _copy(head: torch.nn.Linear) -> torch.nn.Linear:
 
 def run_methods(data: TrainData, hp: Hyper, seed: int, run_root: Path, accelerator: Any,
                 methods: Sequence[str] | None = None, log: Callable[[str], None] = print,
-                start: torch.nn.Linear | None = None) -> tuple[dict[str, torch.nn.Linear], dict[str, float]]:
+                start: torch.nn.Linear | None = None,
+                reuse: dict[str, torch.nn.Linear] | None = None
+                ) -> tuple[dict[str, torch.nn.Linear], dict[str, float]]:
     """Heads of the requested ``methods`` (default: all of METHODS) on one split, and seconds per method.
 
     Every fine-tuned method starts from the FixMatch-LA analogue head (``start``, fitted here when None),
-    which itself starts from the LA head.
+    which itself starts from the LA head. ``reuse``: a dict shared by calls on the same labeled set (the
+    split keeps it when only ρ_u changes); the ERM and LA heads, which see only labeled data, are fitted
+    once into it and reused (reported with 0 s).
     """
     from selmix_dist.baselines import cost_sensitive_finetune, fit_head, posthoc_adjust, self_train_head
 
@@ -264,7 +269,12 @@ def run_methods(data: TrainData, hp: Hyper, seed: int, run_root: Path, accelerat
 
     def timed(name: str, fn: Callable[[], torch.nn.Linear]) -> torch.nn.Linear:
         t0 = time.perf_counter()
-        heads[name] = fn()
+        if reuse is not None and name in reuse:
+            heads[name] = reuse[name]
+        else:
+            heads[name] = fn()
+            if reuse is not None and name in ("erm", "la"):
+                reuse[name] = heads[name]
         seconds[name] = time.perf_counter() - t0
         log(f"    {name:<34s} {seconds[name]:6.1f} s")
         return heads[name]
@@ -274,13 +284,13 @@ def run_methods(data: TrainData, hp: Hyper, seed: int, run_root: Path, accelerat
     needs_start = start is None and any(m not in ("erm", "erm_posthoc", "la") for m in wanted)
     if "erm" in wanted or "erm_posthoc" in wanted:
         erm = timed("erm", lambda: fit_head(x, y, k, loss="ce", weight_decay=hp.weight_decay,
-                                            max_iter=hp.fit_iters, seed=seed))
+                                            max_iter=hp.fit_iters, seed=seed, dtype=torch.float32))
         if "erm_posthoc" in wanted:
             prior = torch.bincount(y, minlength=k).to(torch.float64)
             timed("erm_posthoc", lambda: posthoc_adjust(erm, prior, tau=1.0))
     if "la" in wanted or needs_start:
         la = timed("la", lambda: fit_head(x, y, k, loss="logit_adjusted", weight_decay=hp.weight_decay,
-                                          max_iter=hp.fit_iters, seed=seed))
+                                          max_iter=hp.fit_iters, seed=seed, dtype=torch.float32))
     if needs_start:
         start = timed("fixmatch_la", lambda: self_train_head(
             la, x, y, xu, steps=hp.selftrain_steps, lr=hp.selftrain_lr, weight_decay=hp.weight_decay,
@@ -293,7 +303,7 @@ def run_methods(data: TrainData, hp: Hyper, seed: int, run_root: Path, accelerat
         if f"csst_{name}" in wanted:
             objective = build_objective(name, k, head=head_mask, **OBJECTIVE_PARAMS[name])
             timed(f"csst_{name}", lambda o=objective: cost_sensitive_finetune(
-                start, x, y, xv, yv, o, steps=hp.csst_steps, lr=hp.csst_lr, weight_decay=hp.weight_decay,
+                start, x, y, xv, yv, o, steps=hp.steps, lr=hp.csst_lrs[o.name], weight_decay=hp.weight_decay,
                 refresh_every=hp.refresh_every, seed=seed, unlabeled_features=xu).head)
     for name in SELMIX_OBJECTIVES:
         if f"selmix_{name}" in wanted:
@@ -469,14 +479,16 @@ def reproduce(cfg: ReproduceConfig, log: Callable[[str], None] = print) -> dict[
     accelerator = dist.make_accelerator()
     records: list[dict] = []
     timings: dict[str, Any] = {"features_total_s": t_features, "features_extract_s": extract_s, "runs": []}
-    for rho_u in cfg.rho_us:
-        for seed in cfg.seeds:
+    for seed in cfg.seeds:
+        reuse: dict[str, torch.nn.Linear] = {}  # ERM / LA heads: same labeled set for every ρ_u
+        for rho_u in cfg.rho_us:
             t_run = time.perf_counter()
             data, rows = lt_train_data(train, test, cfg.spec, rho_u, seed, names)
             log(f"ρ_u={rho_u:g} seed={seed}: labeled {len(rows['labeled'])}, unlabeled {len(rows['unlabeled'])}"
                 f", val {len(rows['val'])}, test {len(data.test)}")
             run_root = cfg.out / "runs" / f"rho_u{rho_u:g}" / f"seed{seed}"
-            heads, seconds = run_methods(data, cfg.hyper, seed, run_root, accelerator, cfg.methods, log)
+            heads, seconds = run_methods(data, cfg.hyper, seed, run_root, accelerator, cfg.methods, log,
+                                         reuse=reuse)
             head_mask, _ = head_tail_masks(data.train_class_counts())
             for split, fs in (("val", data.val), ("test", data.test)):
                 for method, metrics in evaluate_heads(heads, fs, head_mask).items():
@@ -526,14 +538,26 @@ def write_results(result: dict[str, Any], cfg: ReproduceConfig) -> None:
 
 
 # --------------------------------------------------------------------------------------------- tuning
-def tune(cfg: ReproduceConfig, lrs: Sequence[float], steps: Sequence[int], csst_lrs: Sequence[float],
-         log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Validation-only grid on the first seed and first ρ_u of ``cfg``: SelMix (every objective) over
-    lrs × steps, CSST-style over csst_lrs (at ``cfg.hyper.csst_steps``). Test data is never evaluated.
+@dataclass
+class TuneGrid:
+    """Validation grids: the FixMatch-LA analogue's lr, SelMix's lr × steps, CSST-style's lr."""
 
-    Returns {"selmix": [{"lr", "steps", <objective>: own val metric, "mean": their mean}],
-    "csst": [{"lr", <objective>: own val metric, "mean"}], "start": FixMatch-LA val metrics}; also written
-    to ``cfg.out/tuning.json`` and printed as two markdown tables.
+    selftrain_lrs: Sequence[float] = (1e-3, 3e-3, 1e-2)
+    lrs: Sequence[float] = (1e-3, 3e-3, 1e-2)
+    steps: Sequence[int] = (1000, 3000)
+    csst_lrs: Sequence[float] = (1e-4, 3e-4, 1e-3, 3e-3)
+
+
+def tune(cfg: ReproduceConfig, grid: TuneGrid, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Validation-only grids on the first seed and first ρ_u of ``cfg`` (the test split is dropped first):
+
+      1. FixMatch-LA analogue lr (at cfg.hyper.selftrain_steps), by validation mean recall; the best head is
+         the start of stages 2 and 3;
+      2. SelMix lr × steps, one pair for every objective (and for uniform mixup), by the mean over objectives
+         of each one's own validation metric;
+      3. CSST-style lr per objective, by that objective's own validation metric, at stage 2's steps.
+    Ties go to the first grid entry. Writes ``cfg.out/tuning.json``, logs one markdown table per stage and
+    returns the chosen values and all rows.
     """
     import json
 
@@ -547,36 +571,52 @@ def tune(cfg: ReproduceConfig, lrs: Sequence[float], steps: Sequence[int], csst_
     accelerator = dist.make_accelerator()
     head_mask, _ = head_tail_masks(data.train_class_counts())
     root = cfg.out / "tuning"
-    base, _ = run_methods(data, cfg.hyper, seed, root, accelerator, ["fixmatch_la"], log)
-    start = evaluate_heads(base, data.val, head_mask)["fixmatch_la"]
+
+    def val_metrics(heads: dict[str, torch.nn.Linear]) -> dict[str, dict[str, float]]:
+        return evaluate_heads(heads, data.val, head_mask)
+
+    reuse: dict[str, torch.nn.Linear] = {}
+    la, _ = run_methods(data, cfg.hyper, seed, root, accelerator, ["la"], log, reuse=reuse)
+    start_rows, starts = [{"selftrain_lr": "— (LA head)", **val_metrics(la)["la"]}], {}
+    for lr in grid.selftrain_lrs:
+        hp = dataclasses.replace(cfg.hyper, selftrain_lr=lr)
+        heads, _ = run_methods(data, hp, seed, root, accelerator, ["fixmatch_la"], log, reuse=reuse)
+        starts[lr] = heads["fixmatch_la"]
+        start_rows.append({"selftrain_lr": lr, **val_metrics(heads)["fixmatch_la"]})
+    best_start = max(start_rows[1:], key=lambda r: r["mean_recall"])["selftrain_lr"]
+    start = starts[best_start]
 
     def score(heads: dict[str, torch.nn.Linear], prefix: str, row: dict) -> dict:
-        for method, metrics in evaluate_heads(heads, data.val, head_mask).items():
+        for method, metrics in val_metrics(heads).items():
             objective = method.removeprefix(prefix)
             row[objective] = metrics[own_metric(objective)]
         row["mean"] = float(np.mean([row[m.removeprefix(prefix)] for m in heads]))
-        log(f"  {row}")
         return row
 
     selmix_rows, csst_rows = [], []
-    for lr in lrs:
-        for n in steps:
+    for lr in grid.lrs:
+        for n in grid.steps:
             hp = dataclasses.replace(cfg.hyper, lr=lr, steps=n)
-            wanted = [f"selmix_{o}" for o in SELMIX_OBJECTIVES]
-            heads, _ = run_methods(data, hp, seed, root / f"lr{lr:g}_steps{n}", accelerator, wanted, log,
-                                   start=base["fixmatch_la"])
+            heads, _ = run_methods(data, hp, seed, root / f"lr{lr:g}_steps{n}", accelerator,
+                                   [f"selmix_{o}" for o in SELMIX_OBJECTIVES], log, start=start)
             selmix_rows.append(score(heads, "selmix_", {"lr": lr, "steps": n}))
-    for lr in csst_lrs:
-        hp = dataclasses.replace(cfg.hyper, csst_lr=lr)
-        wanted = [f"csst_{o}" for o in CSST_OBJECTIVES]
-        heads, _ = run_methods(data, hp, seed, root, accelerator, wanted, log, start=base["fixmatch_la"])
-        csst_rows.append(score(heads, "csst_", {"lr": lr, "steps": cfg.hyper.csst_steps}))
-    result = {"seed": seed, "rho_u": rho_u, "hyper": dataclasses.asdict(cfg.hyper), "start": start,
-              "selmix": selmix_rows, "csst": csst_rows}
+    best = max(selmix_rows, key=lambda r: r["mean"])
+    for lr in grid.csst_lrs:
+        hp = dataclasses.replace(cfg.hyper, steps=best["steps"], csst_lrs=dict.fromkeys(CSST_OBJECTIVES, lr))
+        heads, _ = run_methods(data, hp, seed, root, accelerator, [f"csst_{o}" for o in CSST_OBJECTIVES], log,
+                               start=start)
+        csst_rows.append(score(heads, "csst_", {"lr": lr, "steps": best["steps"]}))
+    chosen = {"selftrain_lr": best_start, "lr": best["lr"], "steps": best["steps"],
+              "csst_lrs": {o: max(csst_rows, key=lambda r, o=o: r[o])["lr"] for o in CSST_OBJECTIVES}}
+    result = {"seed": seed, "rho_u": rho_u, "hyper": dataclasses.asdict(cfg.hyper), "chosen": chosen,
+              "start": start_rows, "selmix": selmix_rows, "csst": csst_rows}
     cfg.out.mkdir(parents=True, exist_ok=True)
-    (cfg.out / "tuning.json").write_text(json.dumps(result, indent=1))
-    log(f"validation (seed {seed}, ρ_u={rho_u:g}), own metric of each objective; FixMatch-LA start: "
-        + ", ".join(f"{m} {start[m]:.4f}" for m in METRICS))
-    log(markdown_table(selmix_rows, ["lr", "steps", *SELMIX_OBJECTIVES, "mean"]))
-    log(markdown_table(csst_rows, ["lr", "steps", *CSST_OBJECTIVES, "mean"]))
+    (cfg.out / "tuning.json").write_text(json.dumps(result, indent=1, default=str))
+    log(f"validation only, seed {seed}, ρ_u={rho_u:g}; {cfg.hyper.describe()}\n")
+    log("1. FixMatch-LA analogue (by mean recall)\n" + markdown_table(start_rows, ["selftrain_lr", *METRICS]))
+    log("2. SelMix, own validation metric per objective (by their mean)\n"
+        + markdown_table(selmix_rows, ["lr", "steps", *SELMIX_OBJECTIVES, "mean"]))
+    log("3. CSST-style, own validation metric per objective (each by its own)\n"
+        + markdown_table(csst_rows, ["lr", "steps", *CSST_OBJECTIVES, "mean"]))
+    log(f"chosen: {chosen}")
     return result

@@ -134,12 +134,13 @@ def test_cached_rows_are_the_features_of_their_images(tmp_path):
 # ------------------------------------------------------------------------------------------- real data
 @pytest.mark.slow
 def test_reduced_reproduction_selmix_raises_min_recall(cifar10_root, tmp_path):
-    """One seed, a subset of CIFAR-10 (300 train / 100 test images per class), 64 px, ρ_l = ρ_u = 10: SelMix for
-    min recall ends above the logit-adjusted head's test min recall."""
+    """One seed, a subset of CIFAR-10 (300 train / 100 test images per class) at the tool's 128 px, ρ_l = ρ_u = 10,
+    the tool's learning rates with fewer steps: SelMix for min recall ends above the logit-adjusted head's test
+    min recall."""
     cfg = ReproduceConfig(
         data=cifar10_root, out=tmp_path / "out", cache=tmp_path / "cache", seeds=(0,), rho_us=(10.0,),
-        image_size=64, subset=(300, 100), spec=LTSplitSpec(n1=100, m1=150, rho_l=10.0, n_val=50),
-        hyper=Hyper(steps=500, csst_steps=500, selftrain_steps=500), methods=("la", "selmix_min_recall"))
+        image_size=128, subset=(300, 100), spec=LTSplitSpec(n1=100, m1=150, rho_l=10.0, n_val=50),
+        hyper=Hyper(steps=500, selftrain_steps=500), methods=("la", "selmix_min_recall"))
     result = reproduce(cfg, log=lambda _line: None)
     test = {r["method"]: r for r in result["records"] if r["split"] == "test"}
     assert len(result["records"]) == 4

@@ -16,10 +16,12 @@ import sys
 from pathlib import Path
 
 from selmix_dist.reproduce import (
+    CSST_OBJECTIVES,
     METHODS,
     Hyper,
     LTSplitSpec,
     ReproduceConfig,
+    TuneGrid,
     reproduce,
     results_markdown,
     tune,
@@ -29,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ReproduceConfig, argparse.Namespace]:
-    hp, spec = Hyper(), LTSplitSpec()
+    hp, spec, grid = Hyper(), LTSplitSpec(), TuneGrid()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"),
                    help="CIFAR-10 JPEG archive (.tar.gz, unpacked once into --cache) or its unpacked folder")
@@ -48,21 +50,29 @@ def parse_args(argv: list[str] | None = None) -> tuple[ReproduceConfig, argparse
     p.add_argument("--steps", type=int, default=hp.steps,
                    help="fine-tuning steps of SelMix, uniform mixup and CSST (one budget for all)")
     p.add_argument("--lr", type=float, default=hp.lr, help="SelMix / mixup head learning rate")
-    p.add_argument("--csst-lr", type=float, default=hp.csst_lr, help="CSST-style learning rate")
+    p.add_argument("--csst-lr", type=float, nargs="+", default=[hp.csst_lrs[o] for o in CSST_OBJECTIVES],
+                   help=f"CSST-style learning rate: one for all, or one per objective ({' '.join(CSST_OBJECTIVES)})")
     p.add_argument("--temperature", type=float, default=hp.temperature, help="T of P = softmax(G / T)")
     p.add_argument("--selftrain-steps", type=int, default=hp.selftrain_steps,
                    help="steps of the FixMatch-LA analogue (the SelMix start)")
+    p.add_argument("--selftrain-lr", type=float, default=hp.selftrain_lr, help="its learning rate")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, help="subset of methods")
     p.add_argument("--tune", action="store_true",
                    help="instead of the reproduction: the validation-only grid below on the first seed and ρ_u")
-    p.add_argument("--tune-lr", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3], help="SelMix lr grid")
-    p.add_argument("--tune-steps", type=int, nargs="+", default=[1000, 3000], help="SelMix steps grid")
-    p.add_argument("--tune-csst-lr", type=float, nargs="+", default=[0.003, 0.01, 0.03], help="CSST lr grid")
+    p.add_argument("--tune-selftrain-lr", type=float, nargs="+", default=list(grid.selftrain_lrs),
+                   help="FixMatch-LA analogue lr grid")
+    p.add_argument("--tune-lr", type=float, nargs="+", default=list(grid.lrs), help="SelMix lr grid")
+    p.add_argument("--tune-steps", type=int, nargs="+", default=list(grid.steps), help="SelMix steps grid")
+    p.add_argument("--tune-csst-lr", type=float, nargs="+", default=list(grid.csst_lrs), help="CSST lr grid")
     p.add_argument("--extract-batch-size", type=int, default=128)
     p.add_argument("--progress", action="store_true", help="progress bars during feature extraction")
     a = p.parse_args(argv)
-    hyper = Hyper(steps=a.steps, csst_steps=a.steps, lr=a.lr, csst_lr=a.csst_lr, temperature=a.temperature,
-                  selftrain_steps=a.selftrain_steps)
+    if len(a.csst_lr) not in (1, len(CSST_OBJECTIVES)):
+        p.error(f"--csst-lr takes 1 or {len(CSST_OBJECTIVES)} values")
+    lrs = a.csst_lr * len(CSST_OBJECTIVES) if len(a.csst_lr) == 1 else a.csst_lr
+    csst_lrs = dict(zip(CSST_OBJECTIVES, lrs, strict=True))
+    hyper = Hyper(steps=a.steps, lr=a.lr, csst_lrs=csst_lrs, temperature=a.temperature,
+                  selftrain_steps=a.selftrain_steps, selftrain_lr=a.selftrain_lr)
     cfg = ReproduceConfig(
         data=Path(a.data), out=Path(a.out), cache=Path(a.cache), seeds=a.seeds, rho_us=a.rho_u,
         image_size=a.image_size, subset=tuple(a.subset) if a.subset else None,
@@ -75,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, a = parse_args(argv)
     log = lambda line: print(line, flush=True)  # noqa: E731
     if a.tune:
-        tune(cfg, a.tune_lr, a.tune_steps, a.tune_csst_lr, log=log)
+        tune(cfg, TuneGrid(a.tune_selftrain_lr, a.tune_lr, a.tune_steps, a.tune_csst_lr), log=log)
         return 0
     result = reproduce(cfg, log=log)
     print()
