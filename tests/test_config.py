@@ -54,3 +54,20 @@ def test_unknown_yaml_key_names_file_and_closest(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_launcher_cli_help_and_errors(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    launcher = Path(__file__).resolve().parents[1] / "launch" / "train.py"
+    help_out = subprocess.run([sys.executable, str(launcher), "--help-config"], capture_output=True, text=True)
+    assert help_out.returncode == 0 and all(k in help_out.stdout for k in all_keys())
+    bad = subprocess.run([sys.executable, str(launcher), f"run.dir={tmp_path}", "optim.lr=0.1", "run.stepz=3"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "did you mean 'run.steps'" in bad.stderr
+    assert not any(tmp_path.iterdir())  # nothing written for a rejected config
+    missing = subprocess.run([sys.executable, str(launcher), f"run.dir={tmp_path}",
+                              f"data.features={tmp_path / 'nope'}"], capture_output=True, text=True)
+    assert missing.returncode != 0 and "nope" in missing.stderr
