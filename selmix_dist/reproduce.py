@@ -7,14 +7,19 @@ Pipeline (driven by tools/reproduce.py):
      indices (N1 = 1500, M1 = 3000, ρ_l = 100, 500 validation images per class, no flips); test = CIFAR test.
      A split never touches images again: it only indexes rows of the cached feature matrix.
   3. Every baseline and every SelMix objective on the same frozen features and split (`run_methods`).
-  4. Test metrics per (ρ_u, seed, method); tables of mean ± std over seeds (`summary_rows`, `tables_markdown`).
+  4. Validation and test metrics per (ρ_u, seed, method); tables of mean ± std over seeds (`summary_rows`,
+     `table_markdown`), per-objective checks (`acceptance_checks`).
+`tune` runs the validation-only grids that chose the defaults of `Hyper`.
 
 Head selection: every fine-tuned head (mixup, CSST, SelMix) is the *final* head of its run (no checkpoint
-selection, neither on validation nor on test), applied uniformly to all methods.
+selection, neither on validation nor on test), applied uniformly to all methods. Post-hoc logit adjustment is
+applied to the ERM head only: the other heads are trained with logit-adjusted or cost-sensitive losses already,
+and subtracting log π again would adjust twice.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import shutil
@@ -175,6 +180,13 @@ OBJECTIVE_PARAMS: dict[str, dict[str, Any]] = {
 }
 SELMIX_OBJECTIVES = tuple(OBJECTIVE_PARAMS)
 CSST_OBJECTIVES = ("mean_recall", "min_recall", "mean_recall_min_coverage")
+# CSST updates coverage multipliers by projected gradient (method doc §5.4), i.e. update="dual"; with the
+# release's closed form (τ = 0.01) its cost-sensitive loss oscillated between collapsed heads on validation.
+# ω = 1 was chosen on seed 0's validation set from {1, 10, 50} (README results section).
+CSST_PARAMS: dict[str, dict[str, Any]] = {
+    **{o: OBJECTIVE_PARAMS[o] for o in CSST_OBJECTIVES},
+    "mean_recall_min_coverage": {**OBJECTIVE_PARAMS["mean_recall_min_coverage"], "update": "dual", "omega": 1.0},
+}
 OBJECTIVE_LABELS = {"mean_recall": "mean recall", "min_recall": "min recall", "h_mean": "H-mean",
                     "g_mean": "G-mean", "mean_recall_min_coverage": "mean recall s.t. min cov.",
                     "h_mean_min_coverage": "H-mean s.t. min cov."}
@@ -200,14 +212,14 @@ class Hyper:
     fit_iters: int = 200              # L-BFGS iterations (float32) of the ERM and LA heads
     selftrain_steps: int = 2000       # FixMatch-LA analogue (threshold 0.95, λ_u = 1, μ = 2, batch 64)
     selftrain_lr: float = 3e-3
-    steps: int = 2000                 # fine-tuning steps of SelMix, uniform mixup and CSST (cosine to 0)
-    lr: float = 1e-3                  # their SGD learning rate (no momentum, as the release)
+    steps: int = 3000                 # fine-tuning steps of SelMix, uniform mixup and CSST (cosine to 0)
+    lr: float = 3e-3                  # SelMix / mixup SGD learning rate (no momentum, as the release)
     temperature: float = 0.1          # T of P = softmax(G / T)
     refresh_every: int = 50
     batch_size: int = 64
     # CSST-style fine-tuning from the same start head (SGD, Nesterov momentum 0.9), lr per objective
     csst_lrs: dict[str, float] = dataclasses.field(default_factory=lambda: {
-        "mean_recall": 3e-4, "min_recall": 3e-4, "mean_recall_min_coverage": 3e-4})
+        "mean_recall": 3e-3, "min_recall": 1e-4, "mean_recall_min_coverage": 1e-4})
 
     def describe(self) -> str:
         return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
@@ -232,15 +244,9 @@ def trainer_finetune(data: TrainData, start: torch.nn.Linear, objective: str, hp
         f"objective.name={objective}", f"optim.lr={hp.lr}", f"optim.batch_size={hp.batch_size}",
         f"optim.weight_decay={hp.weight_decay}", "log.tensorboard=false", "log.progress=false"])
     cfg.objective.params = dict(OBJECTIVE_PARAMS[objective])
-    trainer = Trainer(cfg, data, accelerator=accelerator, init_head=_copy(start))
+    trainer = Trainer(cfg, data, accelerator=accelerator, init_head=copy.deepcopy(start))
     trainer.run()
-    return _copy(accelerator.unwrap_model(trainer.head))
-
-
-def _copy(head: torch.nn.Linear) -> torch.nn.Linear:
-    new = torch.nn.Linear(head.in_features, head.out_features)
-    new.load_state_dict({k: v.detach().clone() for k, v in head.state_dict().items()})
-    return new
+    return copy.deepcopy(accelerator.unwrap_model(trainer.head))
 
 
 def run_methods(data: TrainData, hp: Hyper, seed: int, run_root: Path, accelerator: Any,
@@ -301,7 +307,7 @@ def run_methods(data: TrainData, hp: Hyper, seed: int, run_root: Path, accelerat
     head_mask, _ = head_tail_masks(data.train_class_counts())
     for name in CSST_OBJECTIVES:
         if f"csst_{name}" in wanted:
-            objective = build_objective(name, k, head=head_mask, **OBJECTIVE_PARAMS[name])
+            objective = build_objective(name, k, head=head_mask, **CSST_PARAMS[name])
             timed(f"csst_{name}", lambda o=objective: cost_sensitive_finetune(
                 start, x, y, xv, yv, o, steps=hp.steps, lr=hp.csst_lrs[o.name], weight_decay=hp.weight_decay,
                 refresh_every=hp.refresh_every, seed=seed, unlabeled_features=xu).head)
@@ -336,12 +342,16 @@ def format_mean_std(values: Sequence[float], scale: float = 100.0, digits: int =
     return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
+def _select(records: Sequence[dict], method: str, rho_u: float, split: str) -> list[dict]:
+    return [r for r in records if r["method"] == method and r["rho_u"] == rho_u and r["split"] == split]
+
+
 def summary_rows(records: Sequence[dict], rho_u: float, split: str = "test") -> list[dict]:
     """Table rows for one ρ_u: {"method": label, <metric>: "mean ± std", "seeds": n} per method in METHODS
     order, from per-seed records {"rho_u", "seed", "method", "split", <metric>: value, ...}."""
     rows = []
     for method, label in METHODS.items():
-        mine = [r for r in records if r["method"] == method and r["rho_u"] == rho_u and r["split"] == split]
+        mine = _select(records, method, rho_u, split)
         if not mine:
             continue
         row = {"method": label, "seeds": len(mine)}
@@ -362,7 +372,7 @@ def metric_means(records: Sequence[dict], rho_u: float, split: str = "test") -> 
     """method -> metric -> mean over seeds (fractions)."""
     out: dict[str, dict[str, float]] = {}
     for method in METHODS:
-        mine = [r for r in records if r["method"] == method and r["rho_u"] == rho_u and r["split"] == split]
+        mine = _select(records, method, rho_u, split)
         if mine:
             out[method] = {m: mean_std([r[m] for r in mine])[0] for m in METRICS}
     return out
