@@ -237,3 +237,30 @@ def test_pseudo_labelling_every_nth_refresh(tmp_path, monkeypatch):
     assert sorted(labels_at) == [0, 10, 20, 30, 40, 50, 60]
     assert len(calls) == 3  # refreshes 0, 3 and 6 (steps 0, 30, 60)
     assert labels_at[10] is labels_at[0] and labels_at[50] is labels_at[30]
+
+
+def test_fresh_start_with_overwrite_leaves_nothing_of_the_old_run(reference_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "reused"
+    shutil.copytree(reference_run, run_dir)
+    (run_dir / "notes.txt").write_text("mine")
+    ok(run_script(run_dir, "run.resume=never", "run.overwrite=true", "run.steps=20", "run.seed=5"))
+    history_steps = [h["step"] for h in history(run_dir)]
+    assert max(history_steps) == 20 and history_steps.count(0) == 2  # one val + one test record, not four
+    assert [p.name for p in (run_dir / "checkpoints").glob("step_*.pt")] == ["step_00000020.pt"]
+    assert (run_dir / "notes.txt").read_text() == "mine"  # files that are not ours are left alone
+    assert len(list((run_dir / "tb").iterdir())) == 1  # one fresh events file
+
+
+def test_auto_resume_refuses_when_no_checkpoint_is_usable(reference_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "broken"
+    shutil.copytree(reference_run, run_dir)
+    for path in (run_dir / "checkpoints").glob("step_*.pt"):
+        path.write_bytes(b"not a checkpoint")
+    before = _tree_digest(run_dir)
+    proc = run_script(run_dir)
+    assert proc.returncode != 0 and "none is usable" in proc.stderr
+    assert _tree_digest(run_dir) == before

@@ -100,6 +100,9 @@ class FrozenBackbone(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x float[B,3,H,W] (normalised) -> features float[B,d] (pre-logits, after pooling)."""
+        # A channels-last input makes oneDNN pick its NHWC (depthwise) conv kernels, faster on CPU; the
+        # features agree to float rounding, and the weights keep their layout (state dicts stay saveable).
+        x = x.contiguous(memory_format=torch.channels_last)
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
 
     @torch.no_grad()

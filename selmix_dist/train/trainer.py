@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -35,6 +36,7 @@ from selmix_dist.core import (
     selmix_distribution,
 )
 from selmix_dist.core.rng import generator
+from selmix_dist.report import PLOTS, REQUIRED_FILES, write_report
 from selmix_dist.train import checkpoint as ckpt
 from selmix_dist.train.config import Config, save_config
 from selmix_dist.train.featuresets import FeatureSet, TrainData
@@ -47,6 +49,9 @@ from selmix_dist.train.statistics import (
 )
 
 _SIGNALS_SEEN: list[int] = []
+# Everything the trainer and the report write into run.dir (a fresh start removes exactly these).
+_RUN_ARTIFACTS = ("checkpoints", "tb", "init_head.pt", *REQUIRED_FILES, "report.json", "report.csv", "report.md",
+                  *PLOTS)
 
 
 def _on_signal(signum, _frame) -> None:
@@ -110,6 +115,8 @@ class Trainer:
         self.convergence = GainConvergence(window=cfg.run.early_stop_window, rel_tol=cfg.run.early_stop_tol)
 
         resume_path, state = self._find_resume()
+        if state is None:
+            self._clear_previous_attempt()
         head = init_head if init_head is not None else self._initial_head(state)
         if head.weight.shape != (self.k, data.labeled.num_features):
             raise ValueError(f"starting head has shape {tuple(head.weight.shape)}, expected "
@@ -157,6 +164,9 @@ class Trainer:
         if mode == "auto":
             found = ckpt.latest_valid_checkpoint(self.ckpt_dir)
             if found is None:
+                if ckpt.list_step_checkpoints(self.ckpt_dir) and not self.cfg.run.overwrite:
+                    raise ValueError(f"{self.ckpt_dir} holds checkpoints but none is usable (see the warnings); "
+                                     "move them away or set run.overwrite=true to start over")
                 return None, None
             path, state = found
         else:
@@ -164,6 +174,21 @@ class Trainer:
             state = ckpt.load_checkpoint(path)
         ckpt.check_identity(path, state["identity"], self._identity())
         return path, state
+
+    def _clear_previous_attempt(self) -> None:
+        """A fresh start: remove what an earlier attempt in this run.dir wrote (only our own artifacts).
+
+        Reached only when there is no checkpoint to resume, or `run.overwrite=true` asked for a restart;
+        otherwise stale TensorBoard events, P snapshots or a cached starting head would mix into this run.
+        """
+        if dist.is_main_process() and self.run_dir.is_dir():
+            for name in _RUN_ARTIFACTS:
+                path = self.run_dir / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+        dist.barrier()
 
     def _initial_head(self, state: dict | None) -> torch.nn.Linear:
         """The starting head: from the checkpoint's shape (resume), a file, or fitted on rank 0 and cached."""
@@ -436,8 +461,6 @@ class Trainer:
             self._log_eval(monitor, self.data.test, "test")
         self.save_checkpoint()
         if dist.is_main_process():
-            from selmix_dist.report import write_report
-
             write_report(self.run_dir)
 
     def _write_meta(self) -> None:
