@@ -112,6 +112,7 @@ class Trainer:
         self.head_mask, _ = head_tail_masks(train_counts, head_fraction=cfg.data.head_fraction)
         self.log_prior = torch.log(train_counts.clamp_min(1).to(torch.float64) / train_counts.sum())
         self.objective = build_objective(cfg.objective.name, self.k, head=self.head_mask, **cfg.objective.params)
+        # Also the run's max-gain history (checkpointed), whether or not early stopping is enabled.
         self.convergence = GainConvergence(window=cfg.run.early_stop_window, rel_tol=cfg.run.early_stop_tol)
 
         resume_path, state = self._find_resume()
@@ -128,7 +129,6 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         self.step = 0
         self.best = {"metric": -math.inf, "step": -1}
-        self.gain_history: list[float] = []
         self.sampling: SamplingState | None = None
         self._last_snapshot: dict | None = None  # P and G of the latest refresh, for the report
         if state is not None:
@@ -249,7 +249,6 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.best = dict(state["progress"]["best"])
-        self.gain_history = list(state["progress"]["gain_history"])
         r = state["refresh"]
         self.sampling = SamplingState(int(r["step"]), r["distribution"], r["partner_labels"])
 
@@ -267,7 +266,7 @@ class Trainer:
             "objective": self.objective.state_dict(),
             "convergence": self.convergence.state_dict(),
             "refresh": {"step": r.step, "distribution": r.distribution, "partner_labels": r.partner_labels},
-            "progress": {"best": self.best, "gain_history": self.gain_history},
+            "progress": {"best": self.best},
             "seed": self.cfg.run.seed,
         }
 
@@ -418,7 +417,7 @@ class Trainer:
         step = self.step
         monitor.evaluation(step, "val", metrics, recall)
         max_gain = float(state.gain.max())
-        self.gain_history.append(max_gain)
+        converged = self.convergence.update(max_gain)
         p = state.distribution
         entropy = float(-(p * p.clamp_min(1e-300).log()).sum())
         monitor.scalars({"selmix/max_gain": max_gain, "selmix/entropy_P": entropy,
@@ -446,7 +445,7 @@ class Trainer:
         if target > self.best["metric"]:
             self.best = {"metric": target, "step": step}
         if self.cfg.run.early_stop and not self.cfg.selmix.uniform:
-            return bool(dist.broadcast_object(self.convergence.update(max_gain)))
+            return bool(dist.broadcast_object(converged))
         return False
 
     def _log_eval(self, monitor: Monitor, fs: FeatureSet, split: str) -> dict[str, float]:
