@@ -25,6 +25,18 @@ def test_distribution_matches_reference(temperature: float, eps: float) -> None:
         assert bool((P[torch.from_numpy(G) <= 0] == 0).all())
 
 
+def test_relative_temperature_is_scale_free() -> None:
+    G = np.random.default_rng(1).normal(size=(6, 6))
+    P = selmix_distribution(torch.from_numpy(G), temperature=0.2, relative=True)
+    # T·max|G| by hand, through the scipy reference
+    np.testing.assert_allclose(P.numpy(), _reference(G, 0.2 * np.abs(G).max(), 1e-8), rtol=1e-10)
+    for scale in (1e-3, 50.0):  # gains scale with squared feature norms; P must not
+        scaled = selmix_distribution(torch.from_numpy(G * scale), temperature=0.2, relative=True)
+        np.testing.assert_allclose(scaled.numpy(), P.numpy(), rtol=1e-9)
+    absolute = selmix_distribution(torch.from_numpy(G * 50.0), temperature=0.2)
+    assert float(absolute.max()) > 0.99 > float(P.max())  # the absolute T collapses onto one pair
+
+
 def test_uniform_when_no_gain_is_positive() -> None:
     G = -torch.rand(5, 5, dtype=torch.float64)
     G[2, 3] = 0.0  # zero is not a positive gain

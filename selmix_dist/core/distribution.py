@@ -21,13 +21,16 @@ def _check_number(value: object, name: str, *, positive: bool) -> float:
 
 
 def selmix_distribution(
-    G: torch.Tensor, temperature: float = 0.1, eps: float = 1e-8, positive_only: bool = True
+    G: torch.Tensor, temperature: float = 0.1, eps: float = 1e-8, positive_only: bool = True,
+    relative: bool = False,
 ) -> torch.Tensor:
     """P [K, K] float64 over (label class i, partner class j), summing to 1.
 
     σ = softmax(G / T) jointly over all K² entries; with m = 1[G > 0] (all ones when
     ``positive_only=False``), P = (σ∘m + ε) / Σ(σ∘m + ε). Uniform over all K² pairs when no gain is positive.
-    ``temperature`` T > 0 (the paper's inverse temperature is s = 1/T).
+    ``temperature`` T > 0 (the paper's inverse temperature is s = 1/T). ``relative=True`` uses T·max|G|
+    instead (method doc §3.8.5): G scales with squared feature norms and the metric's scale, so an absolute
+    T that suits one backbone concentrates P on a single pair with another; a relative T does not.
     """
     G = check_square(G, "G")
     check_finite(G, "G")
@@ -37,6 +40,8 @@ def selmix_distribution(
     mask = g > 0 if positive_only else torch.ones_like(g, dtype=torch.bool)
     if not bool(mask.any()):
         return torch.full_like(g, 1.0 / g.numel())
+    if relative:
+        t = t * float(g.abs().max())  # > 0: some gain is positive here
     p = torch.softmax(g.flatten() / t, dim=0).view_as(g)
     if positive_only:
         p.masked_fill_(~mask, 0.0)

@@ -75,6 +75,8 @@ class SelMixConfig:
     setting: str = doc("'semi' (partners: unlabeled, by pseudo-label) or 'supervised' (partners: labeled).",
                        "semi")
     temperature: float = doc("T of P = softmax(G / T) (inverse temperature s = 1/T).", 0.1)
+    relative_temperature: bool = doc("Use T·max|G| as the temperature (scale-free; method doc §3.8.5) "
+                                     "instead of the release's absolute T.", False)
     eps: float = doc("ε added to every entry of P before renormalising.", 1e-8)
     positive_only: bool = doc("Keep only pairs with positive gain (uniform if none).", True)
     uniform: bool = doc("Ignore the gain and draw pairs uniformly (the plain-mixup baseline).", False)

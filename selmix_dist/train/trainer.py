@@ -314,7 +314,8 @@ class Trainer:
                                variant=cfg.selmix.gain_variant, include_bias=cfg.selmix.include_bias,
                                prior=cfg.selmix.prior, mixup_mean=(cfg.selmix.mixup_min + 1) / 2).cpu()
             distribution = selmix_distribution(gain, temperature=cfg.selmix.temperature, eps=cfg.selmix.eps,
-                                               positive_only=cfg.selmix.positive_only).cpu()
+                                               positive_only=cfg.selmix.positive_only,
+                                               relative=cfg.selmix.relative_temperature).cpu()
         clock.lap("gain")
         # Every rank computed the same P from the same reduced statistics; rank 0's copy is authoritative.
         distribution = dist.broadcast_tensor(distribution)
