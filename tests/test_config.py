@@ -71,3 +71,19 @@ def test_launcher_cli_help_and_errors(tmp_path):
     missing = subprocess.run([sys.executable, str(launcher), f"run.dir={tmp_path}",
                               f"data.features={tmp_path / 'nope'}"], capture_output=True, text=True)
     assert missing.returncode != 0 and "nope" in missing.stderr
+
+
+def test_every_shipped_experiment_config_loads():
+    from pathlib import Path
+
+    from selmix_dist.core import OBJECTIVES, build_objective
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    paths = sorted(p for p in configs.rglob("*.yaml") if "accelerate" not in p.parts)
+    names = {load_config(p).objective.name for p in paths if p.parent.name == "cifar10_lt"}
+    assert names == {"mean_recall", "min_recall", "h_mean", "g_mean", "mean_recall_min_coverage",
+                     "h_mean_min_coverage"}  # at least one config per objective of the CIFAR-10-LT table
+    for path in paths:
+        cfg = load_config(path)
+        assert cfg.objective.name in OBJECTIVES
+        build_objective(cfg.objective.name, 10, **cfg.objective.params)  # parameters are valid for it
