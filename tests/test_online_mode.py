@@ -27,8 +27,9 @@ def _run(tmp_path, split_dir, name):
     cfg = load_config(None, [*OVERRIDES, f"data.split_dir={split_dir}", f"run.dir={tmp_path / name}"])
     trainer = Trainer(cfg, online_train_data(cfg, torch.device("cpu")))
     summary = trainer.run()
-    trainer.acc.end_training()
-    return trainer, summary
+    weight = trainer.acc.unwrap_model(trainer.head).weight.detach().clone()
+    trainer.close()
+    return weight, summary
 
 
 def test_online_features_are_the_backbone_on_eval_images(tmp_path, small_image_folder):
@@ -52,8 +53,8 @@ def test_online_features_are_the_backbone_on_eval_images(tmp_path, small_image_f
 
 def test_online_run_is_deterministic(tmp_path, small_image_folder):
     split_dir = _split(tmp_path, small_image_folder)
-    t1, s1 = _run(tmp_path, split_dir, "a")
-    t2, s2 = _run(tmp_path, split_dir, "b")
+    w1, s1 = _run(tmp_path, split_dir, "a")
+    w2, s2 = _run(tmp_path, split_dir, "b")
     assert s1["step"] == s2["step"] == 12
-    assert torch.equal(t1.acc.unwrap_model(t1.head).weight, t2.acc.unwrap_model(t2.head).weight)
+    assert torch.equal(w1, w2)
     assert (tmp_path / "a" / "report.json").exists()

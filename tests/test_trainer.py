@@ -233,7 +233,7 @@ def test_pseudo_labelling_every_nth_refresh(tmp_path, monkeypatch):
 
     trainer.refresh = recording_refresh
     trainer.run()
-    trainer.acc.end_training()
+    trainer.close()
     assert sorted(labels_at) == [0, 10, 20, 30, 40, 50, 60]
     assert len(calls) == 3  # refreshes 0, 3 and 6 (steps 0, 30, 60)
     assert labels_at[10] is labels_at[0] and labels_at[50] is labels_at[30]

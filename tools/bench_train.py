@@ -81,7 +81,7 @@ def measure(args) -> dict[str, float]:
                "all_reduce_s": mean["all_reduce"], "gain_s": mean["gain"], "broadcast_s": mean["broadcast"],
                "sampler_s": mean["sampler"], "refresh_in_steps": mean["total"] / step_s,
                "peak_rss_mb": float(dist.all_reduce_max(peak))}
-        trainer.acc.end_training()
+        trainer.close()
     return row
 
 

@@ -68,6 +68,10 @@ def train(cfg: Config) -> dict[str, Any]:
     acc = dist.make_accelerator()
     try:
         data = cached_train_data(cfg) if cfg.model.mode == "features" else online_train_data(cfg, acc.device)
-        return Trainer(cfg, data, accelerator=acc).run()
-    finally:
-        acc.end_training()
+        trainer = Trainer(cfg, data, accelerator=acc)
+        summary = trainer.run()
+    except BaseException:
+        acc.end_training()  # no barrier here: the other ranks may not be coming
+        raise
+    trainer.close()
+    return summary

@@ -10,6 +10,7 @@ accelerate synchronises the gradients (DDP, or DeepSpeed through its plugin).
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -335,6 +336,18 @@ class Trainer:
     def _build_sampler(self, state: SamplingState) -> None:
         self.sampler = PairSampler(self.data.labeled.labels, state.partner_labels, self.k)
         self.sampler.set_distribution(state.distribution)
+
+    def close(self) -> None:
+        """Tear the process group down cleanly (call once at the end, on every rank).
+
+        The ranks meet first, and the DDP-wrapped head, which holds the process group, is released before
+        accelerate destroys the group; otherwise gloo's threads can outlive it and abort the interpreter
+        at exit.
+        """
+        dist.barrier()
+        self.head = self.optimizer = None
+        gc.collect()
+        self.acc.end_training()
 
     # ----------------------------------------------------------------- evaluation
     def evaluate(self, fs: FeatureSet) -> tuple[dict[str, float], torch.Tensor]:

@@ -48,7 +48,7 @@ def main() -> None:
         rank, _ = dist.world_info()
         torch.save({"counts": state.counts, "prototypes": state.prototypes, "P": state.distribution,
                     "G": state.gain, "partner_labels": state.partner_labels}, f"{args.dump_refresh}.rank{rank}")
-        trainer.acc.end_training()
+        trainer.close()
         return
     step_fn = trainer.train_step
 
@@ -67,7 +67,7 @@ def main() -> None:
         torch.save({"summary": summary, "distributed_type": trainer.acc.distributed_type.name,
                     "world_size": dist.world_info()[1], "weight": head.weight.detach().clone(),
                     "bias": head.bias.detach().clone()}, os.path.join(args.run_dir, "final_head.pt"))
-    trainer.acc.end_training()
+    trainer.close()
 
 
 if __name__ == "__main__":
