@@ -114,14 +114,6 @@ def any_rank(flag: bool) -> bool:
     return bool(all_reduce_max(torch.tensor([int(flag)], dtype=torch.int64)).item())
 
 
-def all_ranks_equal(tensor: torch.Tensor) -> bool:
-    """Whether every rank holds the same values (a cheap consistency check on decisions)."""
-    if not is_initialized():
-        return True
-    t = tensor.detach().to(torch.float64).flatten()
-    return bool(torch.equal(all_reduce_max(t), -all_reduce_max(-t)))
-
-
 def broadcast_tensor(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Rank `src`'s tensor on every rank (same shape and dtype everywhere)."""
     if not is_initialized():

@@ -110,6 +110,7 @@ class Trainer:
         self.partners = (data.partners.hidden() if cfg.selmix.setting == "semi" else data.labeled)
 
         train_counts = data.train_class_counts()
+        self.class_order = torch.argsort(train_counts, descending=True, stable=True)  # heatmap rows: head first
         self.head_mask, _ = head_tail_masks(train_counts, head_fraction=cfg.data.head_fraction)
         self.log_prior = torch.log(train_counts.clamp_min(1).to(torch.float64) / train_counts.sum())
         self.objective = build_objective(cfg.objective.name, self.k, head=self.head_mask, **cfg.objective.params)
@@ -443,9 +444,8 @@ class Trainer:
             monitor.per_class("pseudo_labels/count", counts.to(torch.float64), step)
         refresh_index = step // self.cfg.run.refresh_every
         if refresh_index % self.cfg.log.image_every == 0:
-            order = torch.argsort(self.data.train_class_counts(), descending=True, stable=True)
-            monitor.image("selmix/P", p, step, order)
-            monitor.image("selmix/G", state.gain, step, order)
+            monitor.image("selmix/P", p, step, self.class_order)
+            monitor.image("selmix/G", state.gain, step, self.class_order)
         target = metrics[self.objective.target_metric]
         self._last_snapshot = {"step": step, "P": p.to(torch.float32), "G": state.gain.to(torch.float32)}
         if dist.is_main_process():
