@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -36,6 +35,7 @@ from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from selmix_dist import atomic
 from selmix_dist import distributed as dist
 from selmix_dist.data.backbones import FrozenBackbone
 
@@ -127,9 +127,7 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
 
 
 def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def _key_differences(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
@@ -390,13 +388,7 @@ def _write_chunk(split_dir: Path, start: int, stop: int, features: torch.Tensor,
     meta = {**meta_base, "start": str(start), "stop": str(stop),
             "sha256": _tensor_sha256(features, labels, indices)}
     data = _safetensors_bytes({"features": features, "labels": labels, "indices": indices}, meta)
-    final = split_dir / _chunk_name(start, stop)
-    tmp = split_dir / f".{final.name}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    atomic.write_bytes(split_dir / _chunk_name(start, stop), data)
 
 
 def load_features(cache_dir: str | Path, split: str, *, key: CacheKey | None = None,

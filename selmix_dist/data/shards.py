@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from selmix_dist import atomic
 from selmix_dist.data.sources import WDS_META, ImageSource
 
 __all__ = ["shard_count_warning", "write_shards"]
@@ -89,25 +89,24 @@ def write_shards(source: ImageSource, out_dir: str | Path, maxcount: int = 10_00
     shards, counts = [], []
     for s in range(num_shards):
         final = out_dir / f"{prefix}-{s:06d}.tar"
-        tmp = out_dir / f".{final.name}.tmp-{os.getpid()}"
         chunk = range(s * maxcount, min((s + 1) * maxcount, len(idx)))
-        writer = wds.TarWriter(str(tmp), encoder=False, mtime=0.0)
-        try:
-            for j in chunk:
-                position = int(idx[j])
-                data, ext = _encoded(source, position, reencode)
-                label = str(int(lab[j])).encode()
-                writer.write({"__key__": f"{position:0{width}d}", ext: data, "cls": label})
-        finally:
-            writer.close()
-        os.replace(tmp, final)
+        with atomic.atomic_path(final) as tmp:
+            writer = wds.TarWriter(str(tmp), encoder=False, mtime=0.0)
+            try:
+                for j in chunk:
+                    position = int(idx[j])
+                    data, ext = _encoded(source, position, reencode)
+                    label = str(int(lab[j])).encode()
+                    writer.write({"__key__": f"{position:0{width}d}", ext: data, "cls": label})
+            finally:
+                writer.close()
         shards.append(final)
         counts.append(len(chunk))
 
     meta = {"format": FORMAT, "class_names": list(source.class_names), "num_samples": len(idx),
             "unlabeled": bool((lab < 0).any()), "source": source.spec(),
             "shards": [{"file": p.name, "count": c} for p, c in zip(shards, counts, strict=True)]}
-    (out_dir / WDS_META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    atomic.write_text(out_dir / WDS_META, json.dumps(meta, indent=1) + "\n")
     return shards
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from selmix_dist import atomic
 from selmix_dist.core.rng import derive_seed
 from selmix_dist.data.sources import ArraySource, ImageSource, open_source, read_list_file
 
@@ -232,9 +232,7 @@ def make_lt_split(source: ImageSource, out_dir: str | Path, *, n1: int, rho_l: f
         "counts": counts,
         "diagnostic": diagnostic,
     }
-    tmp = out_dir / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / MANIFEST)
+    atomic.write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 

@@ -9,7 +9,6 @@ and renamed, so a crash mid-write leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
 from pathlib import Path
@@ -21,20 +20,6 @@ FORMAT_VERSION = 1
 _STEP_FILE = re.compile(r"^step_(\d{8})\.pt$")
 REQUIRED_KEYS = ("format_version", "step", "identity", "head", "optimizer", "scheduler", "objective",
                  "refresh", "progress")
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to `path` via a temporary file in the same directory, fsync'd, then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def step_path(ckpt_dir: Path, step: int) -> Path:

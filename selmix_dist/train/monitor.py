@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from selmix_dist import atomic
+
 MAX_IMAGE_CLASSES = 256
 
 
@@ -123,6 +125,4 @@ def _truncate_history(path: Path, start_step: int) -> None:
             continue
         if record.get("step", math.inf) < start_step:
             kept.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(k + "\n" for k in kept))
-    tmp.replace(path)
+    atomic.write_text(path, "".join(k + "\n" for k in kept))

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from selmix_dist import atomic
 from selmix_dist import distributed as dist
 from selmix_dist.core import (
     GainConvergence,
@@ -207,7 +208,7 @@ class Trainer:
             cached = self.run_dir / "init_head.pt"
             if dist.is_main_process() and not cached.exists():
                 fitted = self._fit_initial_head(spec)
-                ckpt.atomic_torch_save(fitted.state_dict(), cached)
+                atomic.torch_save(fitted.state_dict(), cached)
             dist.barrier()
             head.load_state_dict(torch.load(cached, map_location="cpu", weights_only=True))
             return head
@@ -274,12 +275,12 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         if dist.is_main_process():
-            ckpt.atomic_torch_save(self.state_dict(), ckpt.step_path(self.ckpt_dir, self.step))
+            atomic.torch_save(self.state_dict(), ckpt.step_path(self.ckpt_dir, self.step))
             ckpt.prune(self.ckpt_dir, self.cfg.run.keep_checkpoints)
             # P and G of the latest refresh for the report; written with checkpoints, not every refresh
             # (two K×K tensors: 530 MB at K = 8142).
             if self._last_snapshot is not None:
-                ckpt.atomic_torch_save(self._last_snapshot, self.run_dir / "distribution_last.pt")
+                atomic.torch_save(self._last_snapshot, self.run_dir / "distribution_last.pt")
         dist.barrier()
 
     # ----------------------------------------------------------------- refresh
@@ -451,9 +452,9 @@ class Trainer:
         if dist.is_main_process():
             first = self.run_dir / "distribution_first.pt"
             if not first.exists():
-                ckpt.atomic_torch_save(self._last_snapshot, first)
+                atomic.torch_save(self._last_snapshot, first)
             if target > self.best["metric"]:
-                ckpt.atomic_torch_save({"step": step, "metric": target,
+                atomic.torch_save({"step": step, "metric": target,
                                         "head": self.acc.unwrap_model(self.head).state_dict()},
                                        self.ckpt_dir / "best.pt")
         if target > self.best["metric"]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tests" / "scripts" / "synthetic_run.py"
 ACCELERATE = Path(sys.executable).parent / "accelerate"
 COMMON = ["run.steps=60", "run.refresh_every=10", "run.checkpoint_every=20", "run.test_every=30",

@@ -23,7 +23,7 @@ from selmix_dist.report import (
     write_report,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TARGET = "min_recall"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from selmix_dist import atomic
 from selmix_dist.train import checkpoint as ckpt
 
 
@@ -16,7 +17,7 @@ def _state(step: int) -> dict:
 
 def test_latest_valid_skips_corrupt_and_keeps_it(tmp_path):
     for step in (10, 20):
-        ckpt.atomic_torch_save(_state(step), ckpt.step_path(tmp_path, step))
+        atomic.torch_save(_state(step), ckpt.step_path(tmp_path, step))
     broken = ckpt.step_path(tmp_path, 30)
     broken.write_bytes(ckpt.step_path(tmp_path, 20).read_bytes()[:100])  # a torn write
     with pytest.warns(UserWarning, match="step_00000030"):
@@ -27,14 +28,14 @@ def test_latest_valid_skips_corrupt_and_keeps_it(tmp_path):
 
 def test_atomic_save_leaves_previous_file_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "x.pt"
-    ckpt.atomic_torch_save(_state(1), path)
+    atomic.torch_save(_state(1), path)
 
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", boom)
     with pytest.raises(OSError):
-        ckpt.atomic_torch_save(_state(2), path)
+        atomic.torch_save(_state(2), path)
     assert torch.load(path, weights_only=True)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]  # no temporary left behind
 
@@ -50,6 +51,6 @@ def test_missing_keys_and_identity(tmp_path):
 
 def test_prune_keeps_newest(tmp_path):
     for step in (1, 2, 3, 4):
-        ckpt.atomic_torch_save(_state(step), ckpt.step_path(tmp_path, step))
+        atomic.torch_save(_state(step), ckpt.step_path(tmp_path, step))
     ckpt.prune(tmp_path, 2)
     assert [s for s, _ in ckpt.list_step_checkpoints(tmp_path)] == [4, 3]

@@ -26,7 +26,7 @@ from selmix_dist.data.splits import (
     open_split_source,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Method doc §1.2 table (CIFAR-10/100-LT, STL-10, ImageNet-100): (N1, ρ, K) -> per-class counts or total.
 DOC_LISTS = {

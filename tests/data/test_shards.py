@@ -15,7 +15,7 @@ from selmix_dist.data.shards import shard_count_warning, write_shards
 from selmix_dist.data.sources import ArraySource, ImageFolderSource, WebDatasetSource
 from selmix_dist.data.splits import load_split, make_lt_split
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_jpeg_files_are_stored_unchanged(small_image_folder, tmp_path):

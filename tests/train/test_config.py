@@ -61,7 +61,7 @@ def test_launcher_cli_help_and_errors(tmp_path):
     import sys
     from pathlib import Path
 
-    launcher = Path(__file__).resolve().parents[1] / "launch" / "train.py"
+    launcher = Path(__file__).resolve().parents[2] / "launch" / "train.py"
     help_out = subprocess.run([sys.executable, str(launcher), "--help-config"], capture_output=True, text=True)
     assert help_out.returncode == 0 and all(k in help_out.stdout for k in all_keys())
     bad = subprocess.run([sys.executable, str(launcher), f"run.dir={tmp_path}", "optim.lr=0.1", "run.stepz=3"],
@@ -78,7 +78,7 @@ def test_every_shipped_experiment_config_loads():
 
     from selmix_dist.core import OBJECTIVES, build_objective
 
-    configs = Path(__file__).resolve().parents[1] / "configs"
+    configs = Path(__file__).resolve().parents[2] / "configs"
     paths = sorted(p for p in configs.rglob("*.yaml") if "accelerate" not in p.parts)
     names = {load_config(p).objective.name for p in paths if p.parent.name == "cifar10_lt"}
     assert names == {"mean_recall", "min_recall", "h_mean", "g_mean", "mean_recall_min_coverage",

@@ -232,7 +232,7 @@ def test_float16_overflow_is_an_error(tmp_path):
     assert torch.isfinite(load_features(tmp_path / "f32", "labeled").features).all()
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "extract_features.py"
 BIN = Path(sys.executable).parent
 
