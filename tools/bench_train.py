@@ -28,8 +28,8 @@ import torch
 
 from selmix_dist import distributed as dist
 from selmix_dist.data.synthetic import class_means, gaussian_features, long_tailed_class_counts
+from selmix_dist.features.sets import FeatureSet, TrainData
 from selmix_dist.train.config import load_config
-from selmix_dist.train.featuresets import FeatureSet, TrainData
 from selmix_dist.train.trainer import Trainer
 
 COLUMNS = ("procs", "K", "d", "pseudo_every", "step_ms", "refresh_s", "eval_s", "all_reduce_s", "gain_s", "broadcast_s",

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from selmix_dist.data.backbones import build_backbone
-from selmix_dist.data.features import extract_features
 from selmix_dist.data.sources import ArraySource
 from selmix_dist.data.splits import load_split, make_lt_split
+from selmix_dist.features.backbones import build_backbone
+from selmix_dist.features.cache import extract_features
 from selmix_dist.train.config import load_config
 from selmix_dist.train.entry import train
 

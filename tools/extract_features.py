@@ -9,7 +9,7 @@
     python tools/extract_features.py --source-kind imagefolder --source data/cifar10/test --splits test ...
 
 Each rank extracts whole fixed-size chunks of every split, so the cache is the same for any number of
-processes; rerunning is a no-op and an interrupted run resumes (see selmix_dist.data.features).
+processes; rerunning is a no-op and an interrupted run resumes (see selmix_dist.features.cache).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import sys
 from pathlib import Path
 
 from selmix_dist import distributed as dist
-from selmix_dist.data.backbones import build_backbone
-from selmix_dist.data.features import DTYPES, extract_features
 from selmix_dist.data.sources import SOURCE_KINDS, open_source
 from selmix_dist.data.splits import SPLIT_NAMES, load_split, open_split_source
+from selmix_dist.features.backbones import build_backbone
+from selmix_dist.features.cache import DTYPES, extract_features
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

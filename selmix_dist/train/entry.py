@@ -4,70 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from selmix_dist import distributed as dist
+from selmix_dist.features.load import train_data
 from selmix_dist.train.config import Config
-from selmix_dist.train.featuresets import FeatureSet, OnlineFeatureSet, TrainData
 from selmix_dist.train.trainer import Trainer
-
-
-def _split_names(cfg: Config) -> dict[str, str]:
-    names = {"labeled": cfg.data.labeled_split, "val": cfg.data.val_split}
-    if cfg.data.test_split:
-        names["test"] = cfg.data.test_split
-    if cfg.selmix.setting == "semi":
-        names["partners"] = cfg.data.unlabeled_split
-    return names
-
-
-def _class_names(split_dir: str) -> list[str] | None:
-    if not split_dir:
-        return None
-    from selmix_dist.data.splits import load_manifest
-
-    return list(load_manifest(split_dir)["class_names"])
-
-
-def cached_train_data(cfg: Config) -> TrainData:
-    """Mode 'features': every split from the feature cache `data.features`."""
-    from selmix_dist.data.features import load_features
-
-    if not cfg.data.features:
-        raise ValueError("model.mode=features needs config key 'data.features' (a feature-cache directory)")
-    sets: dict[str, Any] = {}
-    for role, split in _split_names(cfg).items():
-        fs = load_features(cfg.data.features, split)
-        sets[role] = FeatureSet(fs.features, fs.labels, split)
-    return TrainData(class_names=_class_names(cfg.data.split_dir), **sets)
-
-
-def online_train_data(cfg: Config, device: torch.device) -> TrainData:
-    """Mode 'online': images of the split lists in `data.split_dir` through the frozen backbone."""
-    from selmix_dist.data.backbones import build_backbone
-    from selmix_dist.data.splits import load_split, open_split_source
-
-    if not cfg.data.split_dir:
-        raise ValueError("model.mode=online needs config key 'data.split_dir'")
-    backbone = build_backbone(cfg.model.backbone, cfg.model.weights, seed=cfg.run.seed,
-                              image_size=cfg.model.image_size or None).to(device)
-    train_tf, eval_tf = backbone.transform(train=True), backbone.transform(train=False)
-    sets: dict[str, Any] = {}
-    for role, split in _split_names(cfg).items():
-        source = open_split_source(cfg.data.split_dir, split)
-        positions = load_split(cfg.data.split_dir, split, source=source)
-        items = [int(i) for i in positions.items]
-        sets[role] = OnlineFeatureSet(lambda i, src=source, it=items: src[it[i]][0],
-                                      torch.as_tensor(positions.labels), backbone, train_tf, eval_tf,
-                                      backbone.num_features, device, split)
-    return TrainData(class_names=_class_names(cfg.data.split_dir), **sets)
 
 
 def train(cfg: Config) -> dict[str, Any]:
     """Run one SelMix fine-tuning job as configured; returns the trainer's summary."""
     acc = dist.make_accelerator()
     try:
-        data = cached_train_data(cfg) if cfg.model.mode == "features" else online_train_data(cfg, acc.device)
+        data = train_data(cfg, acc.device)
         trainer = Trainer(cfg, data, accelerator=acc)
         summary = trainer.run()
     except BaseException:

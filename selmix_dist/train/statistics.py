@@ -14,7 +14,7 @@ import torch
 
 from selmix_dist import distributed as dist
 from selmix_dist.core import confusion_counts
-from selmix_dist.train.featuresets import FeatureSet
+from selmix_dist.features.sets import FeatureSet
 
 
 @dataclass

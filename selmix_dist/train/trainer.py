@@ -38,10 +38,10 @@ from selmix_dist.core import (
     selmix_distribution,
 )
 from selmix_dist.core.rng import generator
+from selmix_dist.features.sets import FeatureSet, TrainData
 from selmix_dist.report import PLOTS, REQUIRED_FILES, write_report
 from selmix_dist.train import checkpoint as ckpt
 from selmix_dist.train.config import Config, save_config
-from selmix_dist.train.featuresets import FeatureSet, TrainData
 from selmix_dist.train.monitor import Monitor
 from selmix_dist.train.statistics import (
     gather_pseudo_labels,
@@ -226,7 +226,7 @@ class Trainer:
 
     def _fit_initial_head(self, spec: str) -> torch.nn.Linear:
         """Deterministic starting head on the labeled features (L-BFGS), optionally self-trained."""
-        from selmix_dist.baselines import fit_head, self_train_head
+        from selmix_dist.heads import fit_head, self_train_head
 
         lab, cfg = self.data.labeled, self.cfg
         feats = lab.take(torch.arange(len(lab)))

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from selmix_dist.data.backbones import build_backbone
 from selmix_dist.data.sources import ArraySource
 from selmix_dist.data.splits import long_tailed_counts
+from selmix_dist.features.backbones import build_backbone
 from selmix_dist.reproduce import (
     METHODS,
     CachedSplit,

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from selmix_dist.data.backbones import (
+from selmix_dist.features.backbones import (
     LITE_PACKAGES,
     assert_only_head_trainable,
     build_backbone,

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from selmix_dist.data.backbones import build_backbone
-from selmix_dist.data.features import (
+from selmix_dist.features.backbones import build_backbone
+from selmix_dist.features.cache import (
     CacheKey,
     extract_features,
     load_features,

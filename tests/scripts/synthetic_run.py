@@ -17,8 +17,8 @@ import torch
 
 from selmix_dist import distributed as dist
 from selmix_dist.data.synthetic import class_means, gaussian_features, long_tailed_class_counts
+from selmix_dist.features.sets import FeatureSet, TrainData
 from selmix_dist.train.config import load_config
-from selmix_dist.train.featuresets import FeatureSet, TrainData
 from selmix_dist.train.trainer import Trainer
 
 

@@ -141,8 +141,8 @@ def test_data_errors(tmp_path):
     sys.path.insert(0, str(SCRIPT.parent))
     from synthetic_run import synthetic_data
 
+    from selmix_dist.features.sets import FeatureSet
     from selmix_dist.train.config import load_config
-    from selmix_dist.train.featuresets import FeatureSet
     from selmix_dist.train.trainer import Trainer
 
     cfg = load_config(None, [f"run.dir={tmp_path}", "data.num_classes=7"])

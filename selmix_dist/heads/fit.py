@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from selmix_dist.baselines._inputs import (
+from selmix_dist.core.rng import generator
+from selmix_dist.heads._inputs import (
     check_head,
     check_labeled,
     check_positive,
@@ -28,8 +29,7 @@ from selmix_dist.baselines._inputs import (
     cosine_lr,
     log_prior,
 )
-from selmix_dist.baselines.losses import logit_adjusted_cross_entropy
-from selmix_dist.core.rng import generator
+from selmix_dist.heads.losses import logit_adjusted_cross_entropy
 
 LOSSES = ("ce", "logit_adjusted")
 OPTIMIZERS = ("lbfgs", "sgd")

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selmix_dist.baselines._inputs import (
+from selmix_dist.core.rng import generator
+from selmix_dist.heads._inputs import (
     check_features,
     check_head,
     check_labeled,
@@ -34,8 +35,7 @@ from selmix_dist.baselines._inputs import (
     log_prior,
     param_groups,
 )
-from selmix_dist.baselines.losses import logit_adjusted_cross_entropy
-from selmix_dist.core.rng import generator
+from selmix_dist.heads.losses import logit_adjusted_cross_entropy
 
 
 def strong_view(features: torch.Tensor, gen: torch.Generator, dropout: float, noise_std: float,

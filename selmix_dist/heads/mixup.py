@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selmix_dist.baselines._inputs import (
+from selmix_dist.core.rng import generator
+from selmix_dist.heads._inputs import (
     check_features,
     check_head,
     check_labeled,
@@ -23,7 +24,6 @@ from selmix_dist.baselines._inputs import (
     cosine_lr,
     param_groups,
 )
-from selmix_dist.core.rng import generator
 
 
 def draw_mixup_batch(num_labeled: int, num_partners: int, batch_size: int, gen: torch.Generator,

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from selmix_dist import atomic
 from selmix_dist import distributed as dist
-from selmix_dist.data.backbones import FrozenBackbone
+from selmix_dist.features.backbones import FrozenBackbone
 
 __all__ = [
     "CacheKey",

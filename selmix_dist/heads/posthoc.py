@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from selmix_dist.baselines._inputs import check_head, log_prior
+from selmix_dist.heads._inputs import check_head, log_prior
 
 
 def posthoc_adjust(head: nn.Linear, class_prior: torch.Tensor, tau: float = 1.0) -> nn.Linear:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from selmix_dist.baselines._inputs import check_head, check_labeled
 from selmix_dist.core.confusion import confusion_counts
 from selmix_dist.core.metrics import compute_metrics, per_class_metrics
+from selmix_dist.heads._inputs import check_head, check_labeled
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""selmix_dist.baselines: heads on fixed features, logit adjustment, self-training, mixup, cost-sensitive."""
+"""selmix_dist.heads: heads on fixed features, logit adjustment, self-training, mixup, cost-sensitive."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 from torch import nn
 
-from selmix_dist.baselines import (
+from selmix_dist.core import build_objective, generator
+from selmix_dist.heads import (
     cost_sensitive_finetune,
     cost_sensitive_gain,
     draw_mixup_batch,
@@ -26,7 +27,6 @@ from selmix_dist.baselines import (
     posthoc_adjust,
     self_train_head,
 )
-from selmix_dist.core import build_objective, generator
 
 
 @pytest.fixture(scope="module", autouse=True)

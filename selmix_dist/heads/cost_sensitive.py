@@ -30,7 +30,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from selmix_dist.baselines._inputs import (
+from selmix_dist.core.confusion import confusion_counts, joint_confusion
+from selmix_dist.core.objectives import CLAMP_MIN
+from selmix_dist.core.rng import generator
+from selmix_dist.heads._inputs import (
     check_features,
     check_head,
     check_labeled,
@@ -40,12 +43,9 @@ from selmix_dist.baselines._inputs import (
     cosine_lr,
     param_groups,
 )
-from selmix_dist.baselines.evaluate import predict
-from selmix_dist.baselines.losses import hybrid_cost_sensitive_loss
-from selmix_dist.baselines.selftrain import pseudo_labels, strong_view
-from selmix_dist.core.confusion import confusion_counts, joint_confusion
-from selmix_dist.core.objectives import CLAMP_MIN
-from selmix_dist.core.rng import generator
+from selmix_dist.heads.evaluate import predict
+from selmix_dist.heads.losses import hybrid_cost_sensitive_loss
+from selmix_dist.heads.selftrain import pseudo_labels, strong_view
 
 DIAGONAL_FLOOR = 1e-12
 

@@ -3,17 +3,17 @@ adjustment, FixMatch-LA-style self-training, plain feature mixup and CSST-style 
 
 from __future__ import annotations
 
-from selmix_dist.baselines.cost_sensitive import (
+from selmix_dist.heads.cost_sensitive import (
     CostSensitiveResult,
     cost_sensitive_finetune,
     cost_sensitive_gain,
 )
-from selmix_dist.baselines.evaluate import evaluate_head, predict
-from selmix_dist.baselines.heads import fit_head, head_objective
-from selmix_dist.baselines.losses import hybrid_cost_sensitive_loss, logit_adjusted_cross_entropy
-from selmix_dist.baselines.mixup import draw_mixup_batch, mixup_finetune, mixup_loss
-from selmix_dist.baselines.posthoc import posthoc_adjust
-from selmix_dist.baselines.selftrain import fixmatch_la_loss, pseudo_labels, self_train_head, strong_view
+from selmix_dist.heads.evaluate import evaluate_head, predict
+from selmix_dist.heads.fit import fit_head, head_objective
+from selmix_dist.heads.losses import hybrid_cost_sensitive_loss, logit_adjusted_cross_entropy
+from selmix_dist.heads.mixup import draw_mixup_batch, mixup_finetune, mixup_loss
+from selmix_dist.heads.posthoc import posthoc_adjust
+from selmix_dist.heads.selftrain import fixmatch_la_loss, pseudo_labels, self_train_head, strong_view
 
 __all__ = [
     "CostSensitiveResult",
