@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import yaml
 
+from selmix_dist import atomic
 from selmix_dist.core.metrics import METRIC_NAMES
 
 SPLITS = ("val", "test")
@@ -44,6 +45,7 @@ REQUIRED_FILES = ("config.yaml", "meta.json", "history.jsonl", "distribution_fir
                   "distribution_last.pt")
 META_FIELDS = ("class_names", "train_class_counts", "objective", "target_metric", "num_classes")
 PLOTS = ("per_class_recall.png", "distribution.png", "target_metric.png")
+OUTPUTS = ("report.json", "report.csv", "report.md", *PLOTS)  # what write_report writes
 
 
 # ----------------------------------------------------------------------------------------------- tables
@@ -223,6 +225,14 @@ def bin_matrix(matrix: torch.Tensor, bin_of: np.ndarray, nbins: int) -> np.ndarr
     return torch.zeros(nbins, nbins, dtype=torch.float64).index_add_(1, idx, rows).numpy()
 
 
+def _save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
 def _plot_per_class(path: Path, summary: dict, meta: dict) -> None:
     import matplotlib.pyplot as plt
 
@@ -248,8 +258,7 @@ def _plot_per_class(path: Path, summary: dict, meta: dict) -> None:
         ax.set_title(f"{split}: per-class recall")
         ax.legend(loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 def _plot_distributions(path: Path, first: dict, last: dict, meta: dict) -> None:
@@ -271,8 +280,7 @@ def _plot_distributions(path: Path, first: dict, last: dict, meta: dict) -> None
         ax.set_xlabel("partner class j (bins by train frequency)")
         ax.set_ylabel("label class i (bins by train frequency)")
     fig.colorbar(im, ax=axes, shrink=0.85, label="P per class pair (bin mean)")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 def _plot_target(path: Path, history: list[dict], target: str, best_step: int) -> None:
@@ -290,8 +298,7 @@ def _plot_target(path: Path, history: list[dict], target: str, best_step: int) -
     ax.set_title(f"{target} over training")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -347,11 +354,11 @@ def write_report(run_dir: str | Path) -> dict:
               "config": config,
               "distribution_steps": {"first": int(first["step"]), "last": int(last["step"])},
               **summary, "plots": list(PLOTS)}
-    (run_dir / "report.json").write_text(json.dumps(report, indent=1))
+    atomic.write_text(run_dir / "report.json", json.dumps(report, indent=1))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["metric", *COLUMNS], lineterminator="\n")
     writer.writeheader()
     writer.writerows({key: ("" if value is None else value) for key, value in row.items()} for row in rows)
-    (run_dir / "report.csv").write_text(buf.getvalue())
-    (run_dir / "report.md").write_text(_markdown(run_dir, meta, summary, rows))
+    atomic.write_text(run_dir / "report.csv", buf.getvalue())
+    atomic.write_text(run_dir / "report.md", _markdown(run_dir, meta, summary, rows))
     return report

@@ -6,10 +6,11 @@ Everything here validates user-facing inputs once so the training loops can trus
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import nn
+
+from selmix_dist.core.schedule import cosine_factor
 
 
 def check_features(features: torch.Tensor, name: str = "features") -> None:
@@ -93,4 +94,4 @@ def param_groups(head: nn.Linear, weight_decay: float) -> list[dict]:
 
 def cosine_lr(base_lr: float, step: int, total: int) -> float:
     """Cosine annealing to 0 over `total` steps (value used for step `step`, 0-based)."""
-    return 0.5 * base_lr * (1.0 + math.cos(math.pi * step / max(total, 1)))
+    return base_lr * cosine_factor(step, total)

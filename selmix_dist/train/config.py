@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,13 @@ class RunConfig:
     early_stop_tol: float = doc("Relative tolerance of the early-stop test.", 0.05)
     signal_poll_every: int = doc("Steps between cross-rank checks for SIGTERM/SIGUSR1.", 10)
     requeue: bool = doc("On SIGUSR1/SIGTERM under SLURM, requeue the job after checkpointing.", False)
-    overwrite: bool = doc("Allow starting fresh in a run directory that already has checkpoints.", False)
+    overwrite: bool = doc("Start fresh in a run directory of ours that has checkpoints: removes exactly the files "
+                          "its manifest (run.json) lists, nothing else.", False)
+    extend_steps: bool = doc("Allow a resume with a larger run.steps. The lr then continues from its value at the "
+                             "resume step and decays by cosine to 0 over the new total (constant schedule: "
+                             "unchanged).", False)
+    lock_stale_seconds: float = doc("A run-directory lock held from another host counts as stale (its holder "
+                                    "dead) once its heartbeat is older than this.", 600.0)
 
 
 @dataclass
@@ -74,9 +81,11 @@ class ModelConfig:
 class SelMixConfig:
     setting: str = doc("'semi' (partners: unlabeled, by pseudo-label) or 'supervised' (partners: labeled).",
                        "semi")
-    temperature: float = doc("T of P = softmax(G / T) (inverse temperature s = 1/T).", 0.1)
-    relative_temperature: bool = doc("Use T·max|G| as the temperature (scale-free; method doc §3.8.5) "
-                                     "instead of the release's absolute T.", False)
+    temperature: float = doc("T of P = softmax(G / T) (inverse temperature s = 1/T); see temperature_rule.", 0.1)
+    temperature_rule: str = doc("'absolute' (P = softmax(G / T), the release), 'relative' (G / (T·max|G|), "
+                                "scale-free; method doc §3.8.5) or 'support' (T solved at every refresh so that P's "
+                                "effective number of pairs exp(H(P)) is target_support·K).", "absolute")
+    target_support: float = doc("Rule 'support': effective number of pairs of P as a multiple of K.", 1.0)
     eps: float = doc("ε added to every entry of P before renormalising.", 1e-8)
     positive_only: bool = doc("Keep only pairs with positive gain (uniform if none).", True)
     uniform: bool = doc("Ignore the gain and draw pairs uniformly (the plain-mixup baseline).", False)
@@ -135,6 +144,7 @@ _CHOICES = {
     ("model", "mode"): ("features", "online"),
     ("selmix", "setting"): ("semi", "supervised"),
     ("selmix", "gain_variant"): ("exact", "official"),
+    ("selmix", "temperature_rule"): ("absolute", "relative", "support"),
     ("selmix", "prior"): ("balanced", "empirical"),
     ("optim", "schedule"): ("cosine", "constant"),
 }
@@ -204,6 +214,10 @@ def _is_int(text: str) -> bool:
 
 
 def _apply(cfg: Config, key: str, value: Any, origin: str) -> None:
+    if key == "selmix.relative_temperature":  # before temperature_rule existed
+        if _coerce(key, value, False):
+            cfg.selmix.temperature_rule = "relative"
+        return
     parts = key.split(".")
     sections = [f.name for f in dataclasses.fields(Config)]
     if parts[0] not in sections:
@@ -248,27 +262,68 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
+# Ranges of every numeric key: (low, high, low inclusive). Checked at load, naming the key.
+_RANGES: dict[str, tuple[float, float, bool]] = {
+    "run.steps": (0, math.inf, True),
+    "run.refresh_every": (1, math.inf, True),
+    "run.test_every": (0, math.inf, True),
+    "run.checkpoint_every": (0, math.inf, True),
+    "run.keep_checkpoints": (1, math.inf, True),
+    "run.early_stop_window": (1, math.inf, True),
+    "run.early_stop_tol": (0, math.inf, True),
+    "run.signal_poll_every": (1, math.inf, True),
+    "run.lock_stale_seconds": (0, math.inf, False),
+    "data.num_classes": (0, math.inf, True),
+    "data.head_fraction": (0, 1, False),
+    "data.eval_batch_size": (1, math.inf, True),
+    "model.image_size": (0, math.inf, True),
+    "model.init_head_steps": (1, math.inf, True),
+    "selmix.temperature": (0, math.inf, False),
+    "selmix.target_support": (0, math.inf, False),
+    "selmix.eps": (0, 1, True),
+    "selmix.mixup_min": (0, 1, True),
+    "selmix.pseudo_threshold": (0, 1, True),
+    "selmix.pseudo_label_every": (1, math.inf, True),
+    "selmix.pseudo_logit_adjust": (0, math.inf, True),
+    "optim.batch_size": (1, math.inf, True),
+    "optim.lr": (0, math.inf, False),
+    "optim.momentum": (0, 1, True),
+    "optim.weight_decay": (0, math.inf, True),
+    "optim.warmup_steps": (0, math.inf, True),
+    "log.log_every": (1, math.inf, True),
+    "log.image_every": (1, math.inf, True),
+}
+
+
+def _value(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
 def validate(cfg: Config) -> None:
-    """Range checks that do not need the data."""
-    positive = {
-        "run.steps": cfg.run.steps >= 0,
-        "run.refresh_every": cfg.run.refresh_every > 0,
-        "run.signal_poll_every": cfg.run.signal_poll_every > 0,
-        "optim.batch_size": cfg.optim.batch_size > 0,
-        "optim.lr": cfg.optim.lr > 0,
-        "selmix.temperature": cfg.selmix.temperature > 0,
-        "data.eval_batch_size": cfg.data.eval_batch_size > 0,
-        "selmix.pseudo_label_every": cfg.selmix.pseudo_label_every > 0,
-    }
-    for key, ok in positive.items():
-        if not ok:
-            raise ValueError(f"config key '{key}' must be positive")
-    if not 0.0 <= cfg.selmix.mixup_min <= 1.0:
-        raise ValueError("config key 'selmix.mixup_min' must lie in [0, 1]")
-    if not 0.0 < cfg.data.head_fraction < 1.0:
-        raise ValueError("config key 'data.head_fraction' must lie in (0, 1)")
+    """Every range and every cross-key rule that does not need the data, each error naming its key."""
+    for key, (low, high, inclusive) in _RANGES.items():
+        value = _value(cfg, key)
+        above = value >= low if inclusive else value > low
+        if not (above and value <= high and math.isfinite(float(value))):
+            bound = ("[" if inclusive else "(") + f"{low:g}, " + (f"{high:g}]" if math.isfinite(high) else "∞)")
+            raise ValueError(f"config key '{key}' must lie in {bound}, got {value!r}")
+    if cfg.data.head_fraction >= 1:
+        raise ValueError(f"config key 'data.head_fraction' must be below 1 (some classes form the tail), got "
+                         f"{cfg.data.head_fraction!r}")
+    if not str(cfg.run.dir).strip():
+        raise ValueError("config key 'run.dir' is empty: name a directory for the run")
     if cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).exists():
         raise ValueError(f"config key 'run.resume': checkpoint {cfg.run.resume} does not exist")
+    if cfg.optim.warmup_steps > cfg.run.steps:
+        raise ValueError(f"config key 'optim.warmup_steps' ({cfg.optim.warmup_steps}) exceeds 'run.steps' "
+                         f"({cfg.run.steps})")
+    if cfg.model.init_head == "fixmatch_la" and cfg.selmix.setting == "supervised":
+        raise ValueError("config key 'model.init_head=fixmatch_la' self-trains on the unlabeled split, which "
+                         "'selmix.setting=supervised' does not use: choose model.init_head=la (or ce)")
+    if cfg.selmix.setting == "semi" and not cfg.data.unlabeled_split:
+        raise ValueError("config key 'data.unlabeled_split' is empty but 'selmix.setting=semi' draws partners "
+                         "from it: name the split, or set selmix.setting=supervised")
     from selmix_dist.core import OBJECTIVES
 
     if cfg.objective.name not in OBJECTIVES:
@@ -276,5 +331,39 @@ def validate(cfg: Config) -> None:
                          f"{_closest(cfg.objective.name, sorted(OBJECTIVES))}")
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+# Keys that cannot change what a run computes: a resume may change them (the change is recorded).
+RESULT_NEUTRAL = frozenset({
+    "run.dir", "run.resume", "run.overwrite", "run.requeue", "run.signal_poll_every", "run.checkpoint_every",
+    "run.keep_checkpoints", "run.test_every", "run.extend_steps", "run.lock_stale_seconds",
+    "log.tensorboard", "log.log_every", "log.image_every", "log.progress",
+})
+_PATH_KEYS = frozenset({"data.features", "data.split_dir"})
+
+
+def flatten(cfg: Config | dict) -> dict[str, Any]:
+    """{'section.key': value} of a config (or of its to_dict())."""
+    d = cfg.to_dict() if isinstance(cfg, Config) else cfg
+    return {f"{sec}.{key}": value for sec, values in d.items() for key, value in values.items()}
+
+
+def resume_changes(saved: dict[str, Any], current: Config) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """(refused, allowed) key → (saved, current) differences between a checkpoint's flat config and `current`.
+
+    Refused: any key that changes results. Allowed: result-neutral keys, paths that resolve to the same
+    place, and a longer run.steps when run.extend_steps=true. Keys the checkpoint does not know (an older
+    format) are not compared.
+    """
+    refused, allowed = {}, {}
+    now = flatten(current)
+    for key, old in saved.items():
+        if key not in now or now[key] == old:
+            continue
+        new = now[key]
+        same_path = key in _PATH_KEYS and old and new and Path(old).resolve() == Path(new).resolve()
+        extend = key == "run.steps" and current.run.extend_steps and new > old
+        (allowed if key in RESULT_NEUTRAL or same_path or extend else refused)[key] = (old, new)
+    return refused, allowed
+
+
+def config_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,14 +1,19 @@
-"""Run monitoring from rank 0: TensorBoard scalars/histograms/images, history.jsonl, tqdm.
+"""Run monitoring from rank 0: the text log, TensorBoard, history.jsonl, the progress bar.
 
 Other ranks get a `Monitor` whose methods do nothing, so the trainer never branches on rank to log.
 On resume, TensorBoard's `purge_step` drops events the interrupted run wrote after its checkpoint and
 history.jsonl is truncated to the same step, so curves continue without duplicates.
+The text log is Python `logging` under the `selmix_dist` logger: rank 0 prints INFO to the console (through
+the progress bar) and to run.dir/train.log; other ranks print warnings only, prefixed with their rank.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +22,50 @@ import torch
 from selmix_dist import atomic
 
 MAX_IMAGE_CLASSES = 256
+# P counts as collapsed when its effective number of pairs exp(H(P)) stays below NARROW_SUPPORT this long.
+NARROW_SUPPORT = 4.0
+NARROW_REFRESHES = 3
+log = logging.getLogger(__name__)
+LOGGER = "selmix_dist"
+_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+class _ConsoleHandler(logging.Handler):
+    """Writes through tqdm so that log lines never land inside the progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # logging must never fail the run
+            self.handleError(record)
+
+
+def setup_logging(rank: int, log_file: Path | None = None) -> None:
+    """Configure the `selmix_dist` logger for this process (idempotent: replaces handlers it added)."""
+    logger = logging.getLogger(LOGGER)
+    for h in [h for h in logger.handlers if getattr(h, "_selmix", False)]:
+        logger.removeHandler(h)
+        h.close()
+    console = _ConsoleHandler()
+    console.setFormatter(logging.Formatter(_FORMAT if rank == 0 else f"[rank {rank}] {_FORMAT}", "%H:%M:%S"))
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    handlers: list[logging.Handler] = [console]
+    if log_file is not None and rank == 0:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(log_file)
+        file.setFormatter(logging.Formatter(_FORMAT))
+        handlers.append(file)
+    for h in handlers:
+        h._selmix = True
+        logger.addHandler(h)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def _tag(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
 def heatmap_image(matrix: torch.Tensor, order: torch.Tensor | None = None) -> np.ndarray:
@@ -41,23 +90,40 @@ def heatmap_image(matrix: torch.Tensor, order: torch.Tensor | None = None) -> np
 class Monitor:
     """Rank-0 logging sink. `enabled=False` makes every call a no-op (other ranks)."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, start_step: int,
-                 total_steps: int, progress: bool):
+    def __init__(self, run_dir, *, enabled: bool, tensorboard: bool, start_step: int, total_steps: int,
+                 progress: bool, class_names: list[str] | None = None):
         self.enabled = enabled
         self.writer = None
         self.bar = None
         self.history_path = run_dir / "history.jsonl"
+        self.class_tags = [f"{k:03d}_{_tag(n)}" for k, n in enumerate(class_names)] if class_names else None
+        self._narrow, self._warned_narrow = 0, False
         if not enabled:
             return
         _truncate_history(self.history_path, start_step)
+        self.history_path.touch()
+        run_dir.record(self.history_path)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step if start_step > 0 else None)
+            self.writer = SummaryWriter(str(run_dir.tensorboard), purge_step=start_step if start_step > 0 else None)
+            run_dir.record(Path(self.writer.file_writer.event_writer._file_name))
         if progress:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="selmix", dynamic_ncols=True)
+
+    def run_config(self, flat_config: dict, config_text: str, metric_tags: list[str]) -> None:
+        """The resolved config as text and as hparams (HParams tab: runs compare by config and by metric)."""
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        self.writer.add_text("config", "```\n" + config_text + "```", 0)
+        values = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in flat_config.items()}
+        file_writer = self.writer._get_file_writer()
+        for summary in hparams(values, dict.fromkeys(metric_tags, 0.0)):
+            file_writer.add_summary(summary)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is not None:
@@ -74,7 +140,8 @@ class Monitor:
             return
         if values.numel() <= max_scalars:
             for k, v in enumerate(values.tolist()):
-                self.writer.add_scalar(f"{tag}/class_{k:03d}", v, step)
+                name = self.class_tags[k] if self.class_tags else f"class_{k:03d}"
+                self.writer.add_scalar(f"{tag}/{name}", v, step)
         self.histogram(tag, values, step)
 
     def image(self, tag: str, matrix: torch.Tensor, step: int, order: torch.Tensor | None = None) -> None:
@@ -91,6 +158,52 @@ class Monitor:
             fh.write(json.dumps(record) + "\n")
         self.scalars({f"{split}/{k}": v for k, v in metrics.items()}, step)
         self.per_class(f"{split}/per_class_recall", per_class_recall, step)
+
+    def refresh(self, record, objective, class_order: torch.Tensor, cfg) -> None:
+        """Everything a refresh decided: gain, P's spread, timings, multipliers, pseudo-labels, heatmaps."""
+        if not self.enabled:
+            return
+        r, step = record.result, record.step
+        support = r.effective_support
+        self.scalars({"selmix/max_gain": r.max_gain, "selmix/entropy_P": r.entropy,
+                      "selmix/effective_support": support, "selmix/temperature": r.temperature,
+                      **{f"time/refresh_{k}": v for k, v in record.timings.items()}}, step)
+        for name, values in objective.multipliers().items():
+            self.per_class(f"multipliers/{name}", values.flatten(), step)
+        if cfg.selmix.setting == "semi":
+            labels = record.partner_labels
+            counts = torch.bincount(labels[labels >= 0].to(torch.int64), minlength=objective.num_classes)
+            self.per_class("pseudo_labels/count", counts.to(torch.float64), step)
+        if (step // cfg.run.refresh_every) % cfg.log.image_every == 0:
+            self.image("selmix/P", r.distribution, step, class_order)
+            self.image("selmix/G", r.gain, step, class_order)
+        t = record.timings
+        log.info("refresh at step %d: max gain %.3g, P spread over %.1f effective pairs (T=%.3g); %.2f s "
+                 "(eval %.2f, pseudo-labels %.2f, gain %.2f)", step, r.max_gain, support, r.temperature,
+                 t["total"], t["eval"], t["pseudo_labels"], t["gain"])
+        self._narrow = self._narrow + 1 if support < NARROW_SUPPORT and not cfg.selmix.uniform else 0
+        if self._narrow == NARROW_REFRESHES and not self._warned_narrow:
+            self._warned_narrow = True
+            log.warning("P has stayed on fewer than %d effective class pairs for %d refreshes: with "
+                        "selmix.temperature_rule=%s and T=%g it has collapsed (the gain scales with squared feature "
+                        "norms). Use selmix.temperature_rule=support (or relative), or a larger temperature",
+                        NARROW_SUPPORT, NARROW_REFRESHES, cfg.selmix.temperature_rule, cfg.selmix.temperature)
+
+    def summary(self, step: int, best: dict, target: str, run_dir) -> None:
+        """The end of a run: target metric before → after on each split, best step, where things are."""
+        if not self.enabled:
+            return
+        first, last = {}, {}
+        for line in self.history_path.read_text().splitlines():
+            record = json.loads(line)
+            first.setdefault(record["split"], record)
+            last[record["split"]] = record
+        for split in first:
+            log.info("%s %s: %.4f at step %d → %.4f at step %d", split, target, first[split]["metrics"][target],
+                     first[split]["step"], last[split]["metrics"][target], last[split]["step"])
+        log.info("done at step %d; best validation %s %.4f at step %d → %s", step, target, best["metric"],
+                 best["step"], run_dir.checkpoints / "best.pt")
+        log.info("TensorBoard: tensorboard --logdir %s", run_dir.tensorboard)
 
     def progress(self, step: int, postfix: dict[str, float]) -> None:
         if self.bar is not None:

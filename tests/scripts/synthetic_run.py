@@ -1,10 +1,12 @@
 """Run the trainer on a seeded synthetic long-tailed feature set (used by the trainer tests).
 
     python tests/scripts/synthetic_run.py RUN_DIR [--kill-at STEP] [--signal-at STEP] [--dump-refresh FILE]
-        [section.key=value ...]
+        [--slow-val SECONDS] [section.key=value ...]
 Works under `accelerate launch` too. --kill-at sends SIGKILL to this process right after that training
 step (a crash at an arbitrary step); --signal-at sends SIGUSR1 (what SLURM sends before the time limit);
---dump-refresh runs only the first refresh and saves what it decided (per rank).
+--dump-refresh runs only the first refresh and saves what it decided (per rank); --slow-val makes every
+validation batch take that long (a long refresh, to signal into). Faults enter through the trainer's
+public hooks, never by replacing its methods.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import time
 
 import torch
 
@@ -19,6 +22,8 @@ from selmix_dist import distributed as dist
 from selmix_dist.data.synthetic import class_means, gaussian_features, long_tailed_class_counts
 from selmix_dist.features.sets import FeatureSet, TrainData
 from selmix_dist.train.config import load_config
+from selmix_dist.train.monitor import setup_logging
+from selmix_dist.train.preemption import Preemption
 from selmix_dist.train.trainer import Trainer
 
 
@@ -32,6 +37,18 @@ def synthetic_data(num_classes: int = 6, dim: int = 16, seed: int = 0) -> TrainD
                      "unlabeled"), val=FeatureSet(*val, "val"), test=FeatureSet(*test, "test"))
 
 
+class SlowFeatureSet(FeatureSet):
+    """A feature set whose every read sleeps (a stand-in for a huge validation split)."""
+
+    def __init__(self, fs: FeatureSet, seconds: float):
+        super().__init__(fs.features, fs.labels, fs.name)
+        self.seconds = seconds
+
+    def take(self, index, *, augment_seed=None):
+        time.sleep(self.seconds)
+        return super().take(index, augment_seed=augment_seed)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("run_dir")
@@ -39,31 +56,41 @@ def main() -> None:
     p.add_argument("--signal-at", type=int, default=-1)
     p.add_argument("--dump-refresh", default="")
     p.add_argument("--classes", type=int, default=6)
+    p.add_argument("--slow-val", type=float, default=0.0)
+    p.add_argument("--setup-sleep", type=float, default=0.0)
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args()
+    preemption = Preemption(requeue=False).install()  # from process start, as launch/train.py does
     cfg = load_config(None, [f"run.dir={args.run_dir}", "log.progress=false", *args.overrides])
-    trainer = Trainer(cfg, synthetic_data(args.classes))
+    preemption.requeue_enabled = cfg.run.requeue
+    rank, world = dist.world_info()
+    setup_logging(rank)
+    pid_dir = os.path.join(args.run_dir + ".pids")
+    os.makedirs(pid_dir, exist_ok=True)
+    with open(os.path.join(pid_dir, f"rank{rank}"), "w") as fh:  # for tests that signal the workers
+        fh.write(str(os.getpid()))
+    time.sleep(args.setup_sleep)
+
+    def faults(trainer: Trainer) -> None:
+        if trainer.step == args.kill_at and rank == world - 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if trainer.step == args.signal_at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    data = synthetic_data(args.classes)
+    if args.slow_val:
+        data.val = SlowFeatureSet(data.val, args.slow_val)
+    trainer = Trainer(cfg, data, hooks=[faults], preemption=preemption)
     if args.dump_refresh:
-        state = trainer.refresh()
-        rank, _ = dist.world_info()
-        torch.save({"counts": state.counts, "prototypes": state.prototypes, "P": state.distribution,
-                    "G": state.gain, "partner_labels": state.partner_labels}, f"{args.dump_refresh}.rank{rank}")
+        record = trainer.refresher.refresh(trainer.plain_head(), trainer.step, lambda: False)
+        r = record.result
+        torch.save({"counts": record.counts, "prototypes": r.prototypes, "P": r.distribution, "G": r.gain,
+                    "partner_labels": record.partner_labels}, f"{args.dump_refresh}.rank{rank}")
         trainer.close()
         return
-    step_fn = trainer.train_step
-
-    def hooked_step() -> float:
-        loss = step_fn()
-        if trainer.step + 1 == args.kill_at and dist.world_info()[0] == dist.world_info()[1] - 1:
-            os.kill(os.getpid(), signal.SIGKILL)
-        if trainer.step + 1 == args.signal_at:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return loss
-
-    trainer.train_step = hooked_step
     summary = trainer.run()
     if dist.is_main_process():
-        head = trainer.acc.unwrap_model(trainer.head)
+        head = trainer.plain_head()
         torch.save({"summary": summary, "distributed_type": trainer.acc.distributed_type.name,
                     "world_size": dist.world_info()[1], "weight": head.weight.detach().clone(),
                     "bias": head.bias.detach().clone()}, os.path.join(args.run_dir, "final_head.pt"))

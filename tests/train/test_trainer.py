@@ -122,7 +122,9 @@ def _tree_digest(path: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("override, message", [
-    ("objective.name=h_mean", "objective='min_recall'"),
+    ("objective.name=h_mean", "objective.name: 'min_recall' → 'h_mean'"),
+    ("optim.lr=0.5", "optim.lr: 0.05 → 0.5"),
+    ("selmix.temperature=3", "selmix.temperature: 0.1 → 3.0"),
     ("run.resume=never", "already holds checkpoints"),
 ])
 def test_resume_mismatch_is_refused_and_nothing_is_overwritten(reference_run, override, message):
@@ -206,37 +208,28 @@ def test_early_stop_when_max_gain_is_stable(tmp_path):
     assert final_head(tmp_path / "full")["summary"]["step"] == 60
 
 
-def test_pseudo_labelling_every_nth_refresh(tmp_path, monkeypatch):
+def test_pseudo_labelling_every_nth_refresh(tmp_path):
     sys.path.insert(0, str(SCRIPT.parent))
     from synthetic_run import synthetic_data
 
-    from selmix_dist.train import trainer as trainer_module
     from selmix_dist.train.config import load_config
+    from selmix_dist.train.trainer import Trainer
 
-    calls = []
-    real = trainer_module.local_pseudo_labels
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(trainer_module, "local_pseudo_labels", counting)
-    cfg = load_config(None, [f"run.dir={tmp_path}", *COMMON, "selmix.pseudo_label_every=3", "log.progress=false"])
-    trainer = trainer_module.Trainer(cfg, synthetic_data())
     labels_at = {}
-    refresh = trainer.refresh
 
-    def recording_refresh():
-        state = refresh()
-        labels_at[trainer.step] = state.partner_labels
-        return state
+    def record(trainer) -> None:  # the partner labels the latest refresh decided, by refresh step
+        labels_at[trainer.refresher.step] = trainer.refresher.partner_labels
 
-    trainer.refresh = recording_refresh
+    cfg = load_config(None, [f"run.dir={tmp_path}", *COMMON, "selmix.pseudo_label_every=3", "log.progress=false"])
+    trainer = Trainer(cfg, synthetic_data(), hooks=[record])
     trainer.run()
+    record(trainer)
     trainer.close()
     assert sorted(labels_at) == [0, 10, 20, 30, 40, 50, 60]
-    assert len(calls) == 3  # refreshes 0, 3 and 6 (steps 0, 30, 60)
+    fresh = [s for s in sorted(labels_at) if not any(labels_at[s] is labels_at[t] for t in labels_at if t < s)]
+    assert fresh == [0, 30, 60]  # refreshes 0, 3 and 6 pseudo-label; the others reuse those labels
     assert labels_at[10] is labels_at[0] and labels_at[50] is labels_at[30]
+    assert labels_at[0].dtype == torch.int32
 
 
 def test_fresh_start_with_overwrite_leaves_nothing_of_the_old_run(reference_run, tmp_path):

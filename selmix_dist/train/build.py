@@ -1,0 +1,73 @@
+"""Set-up pieces of a run: the start head, optimizer and schedule, and the run's descriptive files."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from selmix_dist import distributed as dist
+from selmix_dist.core.schedule import LrSchedule
+from selmix_dist.heads._inputs import param_groups
+from selmix_dist.heads.start import FITTED, fit_start_head, read_head, zero_head
+from selmix_dist.train.config import config_yaml
+
+if TYPE_CHECKING:
+    from selmix_dist.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def start_head(trainer: Trainer, given: torch.nn.Linear | None) -> torch.nn.Linear:
+    """The head the run starts from: a checkpoint's shape (its weights load later), `given`, or model.init_head.
+
+    A fitted head is fitted once, on rank 0, and cached as run.dir/init_head.pt for the other ranks.
+    """
+    cfg, data, k = trainer.cfg, trainer.data, trainer.k
+    d = data.labeled.num_features
+    if trainer.plan.state is not None:
+        return torch.nn.Linear(d, k)
+    if given is not None:
+        if given.weight.shape != (k, d):
+            raise ValueError(f"starting head has shape {tuple(given.weight.shape)}, expected ({k}, {d})")
+        return given
+    spec = cfg.model.init_head
+    if spec == "zeros":
+        return zero_head(d, k)
+    if spec not in FITTED:
+        return read_head(spec, d, k)
+    cached = trainer.run_dir / "init_head.pt"
+    if trainer.run_dir.main and not cached.exists():
+        lab = data.labeled
+        log.info("fitting the start head (model.init_head=%s) on %d labeled features", spec, len(lab))
+        unlabeled = None
+        if spec == "fixmatch_la":
+            unlabeled = data.partners.take(torch.arange(len(data.partners)))
+        head = fit_start_head(spec, lab.take(torch.arange(len(lab))), lab.labels, k, unlabeled=unlabeled,
+                              weight_decay=cfg.optim.weight_decay, steps=cfg.model.init_head_steps,
+                              seed=cfg.run.seed)
+        trainer.run_dir.torch_save(head.state_dict(), cached)
+    dist.barrier()
+    return read_head(cached, d, k)
+
+
+def build_head_and_optimizer(trainer: Trainer, given: torch.nn.Linear | None):
+    """(head, SGD optimizer, LambdaLR over an LrSchedule); weight decay on the weight only (method doc §4.4)."""
+    cfg = trainer.cfg
+    head = start_head(trainer, given)
+    optimizer = torch.optim.SGD(param_groups(head, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                momentum=cfg.optim.momentum)
+    schedule = LrSchedule(cfg.run.steps, cfg.optim.warmup_steps, constant=cfg.optim.schedule == "constant")
+    return head, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def write_run_files(trainer: Trainer) -> None:
+    """config.yaml (what runs now) and meta.json (what the report and the exported model need)."""
+    data, run_dir = trainer.data, trainer.run_dir
+    run_dir.write_text("config.yaml", config_yaml(trainer.cfg))
+    run_dir.write_json("meta.json", {
+        "class_names": data.class_names or [str(i) for i in range(trainer.k)],
+        "train_class_counts": data.train_class_counts().tolist(),
+        "objective": trainer.cfg.objective.name, "target_metric": trainer.objective.target_metric,
+        "num_classes": trainer.k, "world_size": trainer.world})

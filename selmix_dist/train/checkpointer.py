@@ -1,0 +1,174 @@
+"""Checkpoints: find, verify, load, save, prune — and the rule for what a resume may change.
+
+A checkpoint is one `torch.save`d dict of plain tensors and Python values (loadable with
+`weights_only=True`) holding everything that decides the future of the run (head, optimizer, schedule,
+objective multipliers, P and partner labels, gain history, step, best metric), the resolved config that
+produced it, and `checksum`: a sha256 over every other entry's content, verified at load, so a bit flip
+is caught even where the container still unpickles. A checkpoint with a non-finite head is never written.
+Files are written atomically (selmix_dist.atomic), so a crash mid-write leaves the previous one intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from selmix_dist.train.rundir import RunDir
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 2
+_STEP_FILE = re.compile(r"^step_(\d{8})\.pt$")
+REQUIRED_KEYS = ("format_version", "step", "identity", "config", "head", "optimizer", "scheduler", "objective",
+                 "refresh", "progress", "checksum")
+
+
+class NonFiniteStateError(FloatingPointError):
+    """The head or the loss became NaN/inf; the message names the step."""
+
+
+def content_checksum(state: dict[str, Any]) -> str:
+    """sha256 over the dtype, shape and bytes of every tensor and the repr of every other value (keys sorted)."""
+    h = hashlib.sha256()
+
+    def feed(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        elif isinstance(obj, dict):
+            h.update(b"{")
+            for key in sorted(obj, key=str):
+                h.update(repr(key).encode())
+                feed(obj[key])
+            h.update(b"}")
+        elif isinstance(obj, (list, tuple)):
+            h.update(b"[")
+            for item in obj:
+                feed(item)
+            h.update(b"]")
+        else:
+            h.update(repr(obj).encode())
+
+    feed({k: v for k, v in state.items() if k != "checksum"})
+    return h.hexdigest()
+
+
+def step_path(ckpt_dir: Path, step: int) -> Path:
+    return ckpt_dir / f"step_{step:08d}.pt"
+
+
+def list_step_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every step checkpoint, newest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _STEP_FILE.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load and verify one checkpoint; ValueError naming the file and the reason if it is unusable."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or foreign files raise many kinds of errors
+        raise ValueError(f"checkpoint {path} cannot be read: {err}") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} is not a selmix_dist checkpoint")
+    version = state.get("format_version")
+    if version == 1:
+        state = _migrate_v1(state)
+    elif version != FORMAT_VERSION:
+        raise ValueError(f"checkpoint {path} has format {version}, expected {FORMAT_VERSION}")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {missing}")
+    if state["checksum"] is not None and content_checksum(state) != state["checksum"]:
+        raise ValueError(f"checkpoint {path} fails its content checksum (corrupted on disk)")
+    if not all(bool(torch.isfinite(t).all()) for t in state["head"].values()):
+        raise ValueError(f"checkpoint {path} holds a non-finite head")
+    return state
+
+
+def _migrate_v1(state: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 (before configs and checksums were stored): its identity held objective, K, setting, d."""
+    identity = dict(state["identity"])
+    config = {"objective.name": identity.pop("objective", None), "selmix.setting": identity.pop("setting", None)}
+    return {**state, "format_version": FORMAT_VERSION, "identity": identity, "config": config, "checksum": None}
+
+
+def check_identity(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse to resume on data of another shape (number of classes, feature width)."""
+    for key, value in current.items():
+        if key in saved and saved[key] != value:
+            raise ValueError(f"cannot resume from {path}: it was written with {key}={saved[key]!r}, "
+                             f"the data has {key}={value!r}; use another run.dir")
+
+
+class Checkpointer:
+    """Step checkpoints of one run: `latest()`, `save()`, pruning to the newest `keep` valid ones."""
+
+    def __init__(self, run_dir: RunDir, keep: int):
+        self.run_dir = run_dir
+        self.dir = run_dir.checkpoints
+        self.keep = keep
+        self._verified: set[tuple[str, int, int]] = set()  # (name, size, mtime_ns) known to load
+
+    def latest(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest step checkpoint that loads and verifies; unusable ones are reported, never deleted."""
+        for _, path in list_step_checkpoints(self.dir):
+            try:
+                state = load_checkpoint(path)
+            except ValueError as err:
+                log.warning("skipping unusable checkpoint: %s", err)
+                continue
+            self._remember(path)
+            return path, state
+        return None
+
+    def any_present(self) -> bool:
+        return bool(list_step_checkpoints(self.dir))
+
+    def save(self, state: dict[str, Any]) -> Path:
+        """Write `state` (rank 0) as step_<step>.pt with its checksum, then prune. Refuses a non-finite head."""
+        bad = [k for k, t in state["head"].items() if not bool(torch.isfinite(t).all())]
+        if bad:
+            raise NonFiniteStateError(f"the head's {bad} became non-finite by step {state['step']}; nothing was "
+                                      "checkpointed (lower optim.lr, or check the features)")
+        path = step_path(self.dir, state["step"])
+        if self.run_dir.main:
+            self.run_dir.torch_save({**state, "checksum": content_checksum(state)}, path)
+            self._remember(path)
+            self.prune()
+        return path
+
+    def _remember(self, path: Path) -> None:
+        st = path.stat()
+        self._verified.add((path.name, st.st_size, st.st_mtime_ns))
+
+    def _valid(self, path: Path) -> bool:
+        st = path.stat()
+        if (path.name, st.st_size, st.st_mtime_ns) in self._verified:
+            return True
+        try:
+            load_checkpoint(path)
+        except ValueError:
+            return False
+        self._remember(path)
+        return True
+
+    def prune(self) -> None:
+        """Keep the newest `keep` valid step checkpoints; remove every older one (never best.pt)."""
+        found = list_step_checkpoints(self.dir)
+        valid = 0
+        for i, (_, path) in enumerate(found):
+            valid += self._valid(path)
+            if valid == self.keep:
+                old = [p for _, p in found[i + 1:]]
+                for p in old:
+                    p.unlink(missing_ok=True)
+                self.run_dir.forget(*old)
+                return

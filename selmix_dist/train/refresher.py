@@ -1,0 +1,112 @@
+"""The refresh (method doc §4): measure C and the prototypes, pseudo-label, recompute G and P, rebuild the sampler.
+
+Order of one refresh, identical on every rank: sharded validation pass (counts + feature sums, reduced) →
+pseudo-labels of the unlabeled split (sharded, gathered; every `pseudo_label_every` refreshes) →
+`core.selmix_refresh` (multipliers, ∂ψ/∂C, G, P) → rank 0's P broadcast as the authority → pair sampler.
+Until the last step nothing is committed, so a preemption during the passes leaves the state of the last
+step boundary intact. Only the sampling state (P, partner labels, the step that decided them) is
+checkpointed; everything else of a refresh is logged.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from selmix_dist import distributed as dist
+from selmix_dist.core import PairSampler
+from selmix_dist.core.objectives import Objective
+from selmix_dist.core.refresh import Refresh, RefreshSettings, selmix_refresh
+from selmix_dist.features.sets import FeatureSet
+from selmix_dist.train.config import Config
+from selmix_dist.train.evaluator import Evaluator, Poll
+
+
+@dataclass
+class RefreshRecord:
+    """What one refresh measured and decided, for logging."""
+
+    step: int
+    counts: torch.Tensor                 # int64[K, K] validation confusion counts
+    result: Refresh                      # C, prototypes, ψ', G, P, T
+    partner_labels: torch.Tensor         # int32[N2] (−1: no label)
+    pseudo_labelled: bool                # whether this refresh ran the pseudo-labelling pass
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Refresher:
+    """Owns the objective, P, the partner labels and the pair sampler of a run."""
+
+    def __init__(self, cfg: Config, objective: Objective, evaluator: Evaluator, *, labeled: FeatureSet,
+                 partners: FeatureSet, val: FeatureSet, log_prior: torch.Tensor):
+        self.cfg, self.objective, self.evaluator = cfg, objective, evaluator
+        self.labeled, self.partners, self.val = labeled, partners, val
+        self.semi = cfg.selmix.setting == "semi"
+        s = cfg.selmix
+        self.settings = RefreshSettings(
+            temperature=s.temperature, temperature_rule=s.temperature_rule, target_support=s.target_support,
+            eps=s.eps, positive_only=s.positive_only, uniform=s.uniform, gain_variant=s.gain_variant,
+            include_bias=s.include_bias, prior=s.prior, mixup_min=s.mixup_min)
+        self.pseudo_prior = log_prior * s.pseudo_logit_adjust if s.pseudo_logit_adjust else None
+        self.step: int | None = None           # the step whose refresh decided P (None: none yet)
+        self.distribution: torch.Tensor | None = None
+        self.partner_labels: torch.Tensor | None = None
+        self.sampler: PairSampler | None = None
+
+    def due(self, step: int) -> bool:
+        return step % self.cfg.run.refresh_every == 0 and self.step != step
+
+    def _pseudo_label_due(self, step: int) -> bool:
+        """At the first refresh, then every `selmix.pseudo_label_every` refreshes."""
+        index = step // self.cfg.run.refresh_every
+        return self.partner_labels is None or index % self.cfg.selmix.pseudo_label_every == 0
+
+    def refresh(self, head: torch.nn.Linear, step: int, poll: Poll) -> RefreshRecord:
+        """One refresh at `step` (every rank). Raises evaluator.Interrupted if `poll` fires during a pass."""
+        timings, t0 = {}, time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal t0
+            now = time.perf_counter()
+            timings[name], t0 = now - t0, now
+
+        val = self.evaluator.statistics(head, self.val, with_features=True, poll=poll)
+        lap("eval")
+        pseudo = self.semi and self._pseudo_label_due(step)
+        if pseudo:
+            labels = self.evaluator.pseudo_labels(head, self.partners, threshold=self.cfg.selmix.pseudo_threshold,
+                                                  log_prior=self.pseudo_prior, poll=poll)
+        else:
+            labels = self.partner_labels if self.semi else self.labeled.labels.to(torch.int32)
+        lap("pseudo_labels")
+        # From here on the refresh commits: the objective's multipliers move and P is replaced.
+        device = self.evaluator.device
+        result = selmix_refresh(val.counts, val.feature_sums.to(device), head.weight.detach().to(torch.float64),
+                                head.bias.detach().to(torch.float64), self.objective, self.settings)
+        lap("gain")
+        # Every rank computed the same P from the same reduced statistics; rank 0's copy is authoritative.
+        result.distribution = dist.broadcast_tensor(result.distribution)
+        lap("broadcast")
+        self._commit(step, result.distribution, labels)
+        lap("sampler")
+        timings["total"] = sum(timings.values())
+        return RefreshRecord(step, val.counts, result, labels, pseudo, timings)
+
+    def _commit(self, step: int, distribution: torch.Tensor, partner_labels: torch.Tensor) -> None:
+        self.step, self.distribution, self.partner_labels = step, distribution, partner_labels
+        self.sampler = PairSampler(self.labeled.labels, partner_labels, self.objective.num_classes)
+        self.sampler.set_distribution(distribution)
+
+    def draw(self, batch_size: int, *, seed: int, rank: int, step: int):
+        return self.sampler.sample(batch_size, seed=seed, rank=rank, step=step)
+
+    def state_dict(self) -> dict | None:
+        if self.step is None:
+            return None
+        return {"step": self.step, "distribution": self.distribution.cpu(), "partner_labels": self.partner_labels}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state is not None:
+            self._commit(int(state["step"]), state["distribution"], state["partner_labels"].to(torch.int32))
