@@ -1,5 +1,5 @@
-"""Benchmark one SelMix refresh of the core maths: update_multipliers + gradient + gain_matrix +
-selmix_distribution, per (objective, K), on synthetic prototypes/head/confusion.
+"""Benchmark one SelMix refresh of the core maths (``selmix_refresh``: C and prototypes from the validation
+statistics, update_multipliers, gradient, gain_matrix, P), per (objective, K), on synthetic statistics/head.
 
 Peak memory is the extra memory the refresh needs on top of its inputs:
 * CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation before the refresh;
@@ -11,6 +11,7 @@ Peak memory is the extra memory the refresh needs on top of its inputs:
   process-wide peak ("ru_maxrss_growth(lower_bound)").
 
     python tools/bench_gain.py --classes 10 100 1000 --dim 2048 --repeats 5 [--device cuda] [--json]
+        [--variant official] [--temperature-rule support]
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ from pathlib import Path
 import torch
 
 from selmix_dist.core import (
+    GAIN_VARIANTS,
     OBJECTIVES,
+    TEMPERATURE_RULES,
+    RefreshSettings,
     build_objective,
     confusion_counts,
-    gain_matrix,
     head_tail_masks,
-    joint_confusion,
-    selmix_distribution,
+    selmix_refresh,
 )
 
 # goals for the 2-core development CPU (information only; nothing asserts on time)
@@ -105,26 +107,26 @@ class PeakMemory:
 
 
 def make_inputs(k: int, dim: int, device: torch.device, seed: int):
-    """Prototypes Z [K, d] and head (W, b) float32 on ``device``; joint validation C; head mask."""
+    """Validation counts int64 [K, K] and feature sums float64 [K, d] (20 samples per class), head (W, b)
+    float32 on ``device``, head mask."""
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(k, dim, generator=g).relu_()  # pooled post-ReLU-like features
+    z = torch.randn(k, dim, generator=g).relu_()  # prototypes: pooled post-ReLU-like features
     w = torch.randn(k, dim, generator=g) / dim**0.5
     b = 0.1 * torch.randn(k, generator=g)
     # validation set: 20 per class; predictions right 60% of the time
     labels = torch.arange(k).repeat_interleave(20)
     wrong = torch.randint(0, k, labels.shape, generator=g)
     preds = torch.where(torch.rand(labels.shape, generator=g) < 0.6, labels, wrong)
-    C = joint_confusion(confusion_counts(labels, preds, k))
+    counts = confusion_counts(labels, preds, k)
+    sums = (20 * z).to(torch.float64)
     train_counts = (1000 * 0.01 ** (torch.arange(k) / max(k - 1, 1))).long()  # ρ = 100 long tail
     head, _ = head_tail_masks(train_counts)
-    return z.to(device), w.to(device), b.to(device), C, head
+    return counts, sums.to(device), w.to(device), b.to(device), head
 
 
-def refresh(obj, z, w, b, C, *, variant: str, include_bias: bool, temperature: float) -> torch.Tensor:
-    obj.update_multipliers(C)
-    psi = obj.gradient(C)
-    G = gain_matrix(z, w, b, C, psi, variant=variant, include_bias=include_bias)
-    return selmix_distribution(G, temperature=temperature)
+def settings_of(args: argparse.Namespace) -> RefreshSettings:
+    return RefreshSettings(temperature=0.1, temperature_rule=args.temperature_rule, gain_variant=args.variant,
+                           include_bias=args.include_bias)
 
 
 def gemm_reference_ms(k: int, device: torch.device, repeats: int) -> float:
@@ -145,10 +147,10 @@ def gemm_reference_ms(k: int, device: torch.device, repeats: int) -> float:
 
 def time_row(name: str, k: int, args: argparse.Namespace, device: torch.device) -> dict:
     """Timing of one (objective, K): warm-up, then ``args.repeats`` timed refreshes."""
-    z, w, b, C, head = make_inputs(k, args.dim, device, args.seed)
+    counts, sums, w, b, head = make_inputs(k, args.dim, device, args.seed)
     obj = build_objective(name, k, head=head)
-    kw = {"variant": args.variant, "include_bias": args.include_bias, "temperature": 0.1}
-    P = refresh(obj, z, w, b, C, **kw)  # warm-up (allocator, kernels, BLAS threads)
+    settings = settings_of(args)
+    P = selmix_refresh(counts, sums, w, b, obj, settings).distribution  # warm-up (allocator, kernels, BLAS)
     if not bool(torch.isfinite(P).all()):
         raise RuntimeError(f"{name}, K={k}: the refresh produced a non-finite distribution")
     times = []
@@ -156,7 +158,7 @@ def time_row(name: str, k: int, args: argparse.Namespace, device: torch.device) 
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        refresh(obj, z, w, b, C, **kw)
+        selmix_refresh(counts, sums, w, b, obj, settings)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
@@ -179,10 +181,10 @@ def time_row(name: str, k: int, args: argparse.Namespace, device: torch.device) 
 
 def measure_memory(row: dict, args: argparse.Namespace, device: torch.device) -> None:
     """Adds ``peak_mib`` and ``mem_method`` to ``row`` (one untimed refresh on fresh inputs)."""
-    z, w, b, C, head = make_inputs(row["K"], args.dim, device, args.seed)
+    counts, sums, w, b, head = make_inputs(row["K"], args.dim, device, args.seed)
     obj = build_objective(row["objective"], row["K"], head=head)
     with PeakMemory(device) as mem:
-        refresh(obj, z, w, b, C, variant=args.variant, include_bias=args.include_bias, temperature=0.1)
+        selmix_refresh(counts, sums, w, b, obj, settings_of(args))
     row["peak_mib"] = round(mem.peak_bytes / 2**20, 2)
     row["mem_method"] = mem.method
 
@@ -194,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--objectives", nargs="+", default=sorted(OBJECTIVES), choices=sorted(OBJECTIVES))
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda only where available)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--variant", default="exact", choices=["exact", "official"])
+    parser.add_argument("--variant", default="exact", choices=GAIN_VARIANTS)
+    parser.add_argument("--temperature-rule", default="absolute", choices=TEMPERATURE_RULES)
     parser.add_argument("--include-bias", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument(
@@ -228,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.json:
         print(
             f"# device={device} threads={torch.get_num_threads()} variant={args.variant} "
+            f"temperature_rule={args.temperature_rule} "
             f"include_bias={args.include_bias} repeats={args.repeats} "
             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
         )

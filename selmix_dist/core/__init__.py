@@ -1,5 +1,6 @@
 """Pure-torch core of selmix_dist: confusion matrices, metrics, objectives, the gain matrix, the pair
-distribution and sampler, and deterministic randomness. No file I/O, no ranks, no accelerate."""
+distribution and sampler, one refresh from validation statistics to P (``selmix_refresh``), and
+deterministic randomness. No file I/O, no ranks, no accelerate."""
 
 from __future__ import annotations
 
@@ -12,8 +13,17 @@ from .confusion import (
     precisions,
     recalls,
 )
-from .distribution import GainConvergence, restrict_support, selmix_distribution
-from .gain import gain_matrix, logit_derivative
+from .distribution import (
+    SUPPORT_RTOL,
+    TEMPERATURE_RULES,
+    GainConvergence,
+    distribution_and_temperature,
+    distribution_entropy,
+    effective_support,
+    restrict_support,
+    selmix_distribution,
+)
+from .gain import GAIN_VARIANTS, PRIORS, gain_matrix, logit_derivative
 from .metrics import METRIC_NAMES, compute_metrics, per_class_metrics
 from .objectives import (
     ALIASES,
@@ -31,13 +41,18 @@ from .objectives import (
     Objective,
     build_objective,
 )
+from .refresh import Refresh, RefreshSettings, selmix_refresh, update_objective
 from .rng import derive_seed, generator
 from .sampler import PairBatch, PairSampler
 
 __all__ = [
     "ALIASES",
+    "GAIN_VARIANTS",
     "METRIC_NAMES",
     "OBJECTIVES",
+    "PRIORS",
+    "SUPPORT_RTOL",
+    "TEMPERATURE_RULES",
     "CustomObjective",
     "GMean",
     "GainConvergence",
@@ -52,12 +67,17 @@ __all__ = [
     "Objective",
     "PairBatch",
     "PairSampler",
+    "Refresh",
+    "RefreshSettings",
     "build_objective",
     "class_support",
     "compute_metrics",
     "confusion_counts",
     "coverages",
     "derive_seed",
+    "distribution_and_temperature",
+    "distribution_entropy",
+    "effective_support",
     "gain_matrix",
     "generator",
     "head_tail_masks",
@@ -68,4 +88,6 @@ __all__ = [
     "recalls",
     "restrict_support",
     "selmix_distribution",
+    "selmix_refresh",
+    "update_objective",
 ]

@@ -27,10 +27,10 @@ import torch
 from ._validate import all_finite, check_finite, check_nonnegative, check_square
 from .objectives import CLAMP_MIN
 
-__all__ = ["logit_derivative", "gain_matrix"]
+__all__ = ["GAIN_VARIANTS", "PRIORS", "logit_derivative", "gain_matrix"]
 
-_PRIORS = ("balanced", "empirical")
-_VARIANTS = ("exact", "official")
+PRIORS = ("balanced", "empirical")
+GAIN_VARIANTS = ("exact", "official")
 _METHODS = ("gemm", "blocked")
 # elements per B×K×K temporary of the blocked path (32 MiB in float64)
 _BLOCK_ELEMENTS = 1 << 22
@@ -62,8 +62,8 @@ def logit_derivative(C: torch.Tensor, Psi: torch.Tensor, prior: str = "balanced"
     ``prior``: "balanced" (w_k = K, the release) or "empirical" (w_k = 1/ρ_k with ρ = Ĉ's row sums).
     """
     _check_confusion_pair(C, Psi)
-    if prior not in _PRIORS:
-        raise ValueError(f"prior must be one of {_PRIORS}, got {prior!r}")
+    if prior not in PRIORS:
+        raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
     return _logit_derivative(C, Psi, prior)
 
 
@@ -195,10 +195,10 @@ def gain_matrix(
     Computed on ``weight``'s device; other inputs are moved there. Memory O(K² + Kd + block_size·K²).
     """
     _check_inputs(prototypes, weight, bias, C, Psi)
-    if variant not in _VARIANTS:
-        raise ValueError(f"variant must be one of {_VARIANTS}, got {variant!r}")
-    if prior not in _PRIORS:
-        raise ValueError(f"prior must be one of {_PRIORS}, got {prior!r}")
+    if variant not in GAIN_VARIANTS:
+        raise ValueError(f"variant must be one of {GAIN_VARIANTS}, got {variant!r}")
+    if prior not in PRIORS:
+        raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if include_bias and bias is None:

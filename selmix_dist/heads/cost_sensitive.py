@@ -1,8 +1,9 @@
 """Cost-sensitive fine-tuning of a head for objectives linear in C (CSST-style, Rangwani et al. 2022).
 
 Every `refresh_every` steps, on the validation features:
-  1. hard predictions -> counts -> joint confusion C (sums to 1); objective.update_multipliers(C);
-     Psi = objective.gradient(C) (= the gain matrix of the Lagrangian, constant in C for linear objectives);
+  1. hard predictions -> counts -> joint confusion C (sums to 1) and objective.update_multipliers(C)
+     (core.update_objective, the first half of a SelMix refresh); Psi = objective.gradient(C) (= the gain
+     matrix of the Lagrangian, constant in C for linear objectives);
   2. training gain  G = diag(rho / pi) · canon(Psi), where rho = validation class priors (row sums of C),
      pi = labeled training class frequencies, and canon subtracts from each row of Psi the minimum of its
      off-diagonal entries. Row sums of C are fixed by the data, so adding a constant to a row of Psi does
@@ -30,8 +31,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from selmix_dist.core.confusion import confusion_counts, joint_confusion
+from selmix_dist.core.confusion import confusion_counts
 from selmix_dist.core.objectives import CLAMP_MIN
+from selmix_dist.core.refresh import update_objective
 from selmix_dist.core.rng import generator
 from selmix_dist.heads._inputs import (
     check_features,
@@ -116,8 +118,7 @@ def cost_sensitive_finetune(head: nn.Linear, features: torch.Tensor, labels: tor
     for step in range(steps):
         if step % refresh_every == 0:
             counts = confusion_counts(val_labels.cpu(), predict(head, val_features).cpu(), k)
-            joint = joint_confusion(counts)
-            objective.update_multipliers(joint)
+            joint = update_objective(counts, objective)
             # Psi is taken at clamp(C, CLAMP_MIN) (objectives.py), so its row sums are the matching priors.
             val_prior = joint.clamp_min(CLAMP_MIN).sum(dim=1)
             gain = cost_sensitive_gain(objective.gradient(joint), val_prior, train_prior).to(device)

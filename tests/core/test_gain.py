@@ -7,8 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from selmix_dist.core.confusion import confusion_counts
 from selmix_dist.core.gain import gain_matrix, logit_derivative
 from selmix_dist.core.objectives import OBJECTIVES, build_objective
+from selmix_dist.core.refresh import RefreshSettings, selmix_refresh
 
 LAM = 0.8
 
@@ -86,6 +88,31 @@ def test_vectorised_gain_equals_brute_force(k: int) -> None:
             assert float((got - ref).abs().max()) <= 1e-9 * scale, (name, variant, include_bias, prior)
             checked += 1
     assert checked == len(OBJECTIVES) * 8
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_refresh_gain_equals_brute_force(k: int) -> None:
+    """selmix_refresh, from raw validation statistics, against the brute-force G of its own C and prototypes."""
+    g = torch.Generator().manual_seed(k)
+    labels = torch.arange(k).repeat_interleave(6)
+    preds = torch.where(torch.rand(len(labels), generator=g) < 0.5, labels, torch.randint(0, k, labels.shape,
+                                                                                         generator=g))
+    feats = torch.randn(len(labels), 4, generator=g, dtype=torch.float64)
+    counts = confusion_counts(labels, preds, k)
+    sums = torch.zeros(k, 4, dtype=torch.float64).index_add_(0, labels, feats)
+    w, b = torch.randn(k, 4, generator=g), torch.randn(k, generator=g)
+    C = (counts.double() / counts.sum()).tolist()
+    z = [[x / 6 for x in row] for row in sums.tolist()]  # 6 validation samples per class
+    for name, variant, include_bias, prior in itertools.product(
+        ("min_recall", "h_mean_min_head_tail_coverage"), ("exact", "official"), (False, True),
+        ("balanced", "empirical"),
+    ):
+        settings = RefreshSettings(gain_variant=variant, include_bias=include_bias, prior=prior, mixup_min=0.6)
+        out = selmix_refresh(counts, sums, w, b, build_objective(name, k, head=_head_mask(k)), settings)
+        ref = torch.tensor(_brute_force_gain(z, w.double().tolist(), b.double().tolist(), C, out.psi.tolist(),
+                                             variant=variant, include_bias=include_bias, prior=prior),
+                           dtype=torch.float64)
+        assert float((out.gain - ref).abs().max()) <= 1e-9 * float(ref.abs().max()), (name, variant)
 
 
 # ---- finite differences along a real SGD step of the head --------------------------------------------
