@@ -43,9 +43,9 @@ class RunConfig:
     requeue: bool = doc("On SIGUSR1/SIGTERM under SLURM, requeue the job after checkpointing.", False)
     overwrite: bool = doc("Start fresh in a run directory of ours that has checkpoints: removes exactly the files "
                           "its manifest (run.json) lists, nothing else.", False)
-    extend_steps: bool = doc("Allow a resume with a larger run.steps. The lr then continues from its value at the "
-                             "resume step and decays by cosine to 0 over the new total (constant schedule: "
-                             "unchanged).", False)
+    extend_steps: bool = doc("Allow a resume with a larger run.steps (also of a finished run). The cosine schedule "
+                             "is re-stretched over the new total, so the lr steps up at the resume step to what the "
+                             "longer run would have had there.", False)
     lock_stale_seconds: float = doc("A run-directory lock held from another host counts as stale (its holder "
                                     "dead) once its heartbeat is older than this.", 600.0)
 

@@ -3,7 +3,7 @@
 The resolved config is the run's identity. A resume is refused, naming every key, when a key that changes
 results differs from the checkpoint's config; result-neutral keys (logging, poll intervals, paths that
 resolve to the same data) may change and the change is appended to config_history.jsonl; a longer
-`run.steps` needs `run.extend_steps=true` (the schedule rule is in core.schedule.LrSchedule.extend).
+`run.steps` needs `run.extend_steps=true` (the schedule rule is in core.schedule.LrSchedule).
 """
 
 from __future__ import annotations
@@ -47,9 +47,8 @@ class ResumePlan:
         trainer.refresher.load_state_dict(s["refresh"])
         if "run.steps" in self.changes:
             old, new = self.changes["run.steps"]
-            trainer.scheduler.lr_lambdas[0].extend(trainer.step, new)
-            log.info("run.steps extended from %d to %d: the lr decays by cosine from its value at step %d",
-                     old, new, trainer.step)
+            trainer.scheduler.lr_lambdas[0].total = new
+            log.info("run.steps extended from %d to %d: the cosine schedule now spans %d steps", old, new, new)
         saved_world = s.get("world_size", trainer.world)
         if saved_world != trainer.world and not self.complete:
             b = trainer.cfg.optim.batch_size
@@ -90,5 +89,5 @@ def plan_resume(cfg: Config, run_dir: RunDir, checkpointer: Checkpointer, identi
                          "Resume with the run's own values (its config.yaml), use another run.dir, or start over "
                          "with run.resume=never run.overwrite=true" +
                          ("; a longer run.steps needs run.extend_steps=true" if "run.steps" in refused else ""))
-    complete = bool(state.get("complete")) and run_dir.is_complete() and not cfg.run.extend_steps
+    complete = bool(state.get("complete")) and not cfg.run.extend_steps
     return ResumePlan(path, state, complete, allowed)

@@ -72,10 +72,11 @@ class Trainer:
         # First step with a non-finite loss, kept on the device and checked at polls (no per-step sync).
         self._bad_loss_step = torch.tensor(-1, device=self.acc.device)
         self.plan: ResumePlan = plan_resume(cfg, self.run_dir, self.checkpointer, self._identity())
-        if not self.run_dir.is_complete():
+        if not self.plan.complete:
             self.run_dir.open(fresh=self.plan.state is None)
-            if self.plan.complete:  # finished, but killed before the manifest said so
-                self.run_dir.mark("complete", final_step=int(self.plan.state["step"]))
+        elif not self.run_dir.is_complete():  # finished, but killed before the manifest said so
+            self.run_dir.open(fresh=False)
+            self.run_dir.mark("complete", final_step=int(self.plan.state["step"]))
         head, optimizer, self.scheduler = build_head_and_optimizer(self, init_head)
         if self.plan.state is not None:
             self.plan.apply(self, head, optimizer)

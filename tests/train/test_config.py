@@ -35,7 +35,7 @@ def test_yaml_then_overrides(tmp_path):
     ("optim.lr=fast", "expects a number"),
     ("run.steps=1.5", "expects an integer"),
     ("selmix.setting=weakly", "must be one of"),
-    ("selmix.temperature=0", "must be positive"),
+    ("selmix.temperature=0", r"must lie in \(0, ∞\)"),
     ("objective.name=min_recal", "did you mean 'min_recall'"),
     ("run.steps", "not of the form"),
 ])
@@ -87,3 +87,32 @@ def test_every_shipped_experiment_config_loads():
         cfg = load_config(path)
         assert cfg.objective.name in OBJECTIVES
         build_objective(cfg.objective.name, 10, **cfg.objective.params)  # parameters are valid for it
+
+
+@pytest.mark.parametrize("override, key", [
+    ("log.log_every=0", "log.log_every"), ("log.image_every=0", "log.image_every"),
+    ("run.checkpoint_every=-1", "run.checkpoint_every"), ("run.test_every=-5", "run.test_every"),
+    ("optim.warmup_steps=-1", "optim.warmup_steps"), ("run.keep_checkpoints=0", "run.keep_checkpoints"),
+    ("selmix.pseudo_threshold=1.5", "selmix.pseudo_threshold"), ("optim.momentum=1.5", "optim.momentum"),
+    ("selmix.target_support=0", "selmix.target_support"), ("data.head_fraction=1", "data.head_fraction"),
+    ("optim.lr=nan", "optim.lr"), ("selmix.temperature_rule=hot", "selmix.temperature_rule"),
+])
+def test_every_range_is_checked_at_load(override, key):
+    with pytest.raises(ValueError, match=f"config key '{key}'"):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["selmix.setting=supervised", "model.init_head=fixmatch_la"], "model.init_head=fixmatch_la"),
+    (["data.unlabeled_split="], "data.unlabeled_split"),
+    (["run.steps=10", "optim.warmup_steps=20"], "optim.warmup_steps"),
+    (["run.dir= "], "run.dir"),
+])
+def test_cross_key_rules_fail_before_any_work(overrides, key):
+    with pytest.raises(ValueError, match=f"config key '{key}"):
+        load_config(None, overrides)
+
+
+def test_relative_temperature_alias_maps_onto_the_rule():
+    assert load_config(None, ["selmix.relative_temperature=true"]).selmix.temperature_rule == "relative"
+    assert load_config(None, ["selmix.relative_temperature=false"]).selmix.temperature_rule == "absolute"
