@@ -15,7 +15,12 @@ import torch
 
 from ._validate import check_finite, check_square
 from .confusion import class_support, joint_confusion
-from .distribution import TEMPERATURE_RULES, distribution_and_temperature, distribution_entropy
+from .distribution import (
+    TEMPERATURE_RULES,
+    distribution_and_temperature,
+    distribution_entropy,
+    effective_support,
+)
 from .gain import PRIORS, gain_matrix
 from .objectives import GAIN_VARIANTS, Objective
 
@@ -108,7 +113,7 @@ class Refresh:
     @property
     def effective_support(self) -> float:
         """exp(entropy of P): the number of equally likely pairs with P's entropy (1 to K²)."""
-        return math.exp(self.entropy)
+        return effective_support(self.distribution)
 
 
 def update_objective(counts: torch.Tensor, objective: Objective, device: torch.device | None = None) -> torch.Tensor:
