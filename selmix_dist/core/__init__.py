@@ -23,10 +23,11 @@ from .distribution import (
     restrict_support,
     selmix_distribution,
 )
-from .gain import GAIN_VARIANTS, PRIORS, gain_matrix, logit_derivative
+from .gain import PRIORS, gain_matrix, logit_derivative
 from .metrics import METRIC_NAMES, compute_metrics, per_class_metrics
 from .objectives import (
     ALIASES,
+    GAIN_VARIANTS,
     OBJECTIVES,
     CustomObjective,
     GMean,

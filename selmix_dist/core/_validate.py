@@ -11,6 +11,7 @@ __all__ = [
     "check_nonnegative",
     "check_num_classes",
     "check_bool_mask",
+    "check_choice",
 ]
 
 
@@ -68,3 +69,9 @@ def check_bool_mask(mask: object, name: str, num_classes: int) -> torch.Tensor:
             raise ValueError(f"{name} must be a bool mask")
         mask = mask.bool()
     return mask
+
+
+def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value

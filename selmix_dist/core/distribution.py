@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ._validate import check_bool_mask, check_finite, check_nonnegative, check_square
+from ._validate import check_bool_mask, check_choice, check_finite, check_nonnegative, check_square
 
 __all__ = [
     "SUPPORT_RTOL",
@@ -74,8 +74,7 @@ def distribution_and_temperature(
     check_finite(G, "G")
     t = _check_number(temperature, "temperature", positive=True)
     eps = _check_number(eps, "eps", positive=False)
-    if rule not in TEMPERATURE_RULES:
-        raise ValueError(f"rule must be one of {TEMPERATURE_RULES}, got {rule!r}")
+    check_choice(rule, "rule", TEMPERATURE_RULES)
     target_support = _check_number(target_support, "target_support", positive=True)
     g = G.detach().to(torch.float64)
     mask = g > 0 if positive_only else torch.ones_like(g, dtype=torch.bool)

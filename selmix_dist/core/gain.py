@@ -11,7 +11,8 @@ b [K], prototype logits F = Z Wᵀ + b, validation joint confusion C, Ψ = ∂ψ
 
       G_ij = pos_ij − Σ_l p_ij,l (λ̄ E_il + (1−λ̄) E_jl),
       pos_ij = λ̄ E_ii + (1−λ̄) E_ji   (variant "exact": the true mixup step)
-      pos_ij = E_ii                   (variant "official": the release's pure-prototype positive term).
+      pos_ij = E_ii                   (variant "official": the release's pure-prototype positive term;
+                                       the release's Ψ is ``Objective.gradient(C, variant="official")``).
 
 Cost: O(K²d + K³) time, O(K² + Kd) memory (no K³ or K⁴ tensor). F, Γ and E take 2K²d + K³
 multiply-adds for K ≤ d (E = (Z Zᵀ) D) and 3K²d for K > d (E = Z (Zᵀ D), Γ never formed). The sum over l
@@ -24,13 +25,12 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import all_finite, check_finite, check_nonnegative, check_square
-from .objectives import CLAMP_MIN
+from ._validate import all_finite, check_choice, check_finite, check_nonnegative, check_square
+from .objectives import CLAMP_MIN, GAIN_VARIANTS
 
-__all__ = ["GAIN_VARIANTS", "PRIORS", "logit_derivative", "gain_matrix"]
+__all__ = ["PRIORS", "logit_derivative", "gain_matrix"]
 
 PRIORS = ("balanced", "empirical")
-GAIN_VARIANTS = ("exact", "official")
 _METHODS = ("gemm", "blocked")
 # elements per B×K×K temporary of the blocked path (32 MiB in float64)
 _BLOCK_ELEMENTS = 1 << 22
@@ -62,8 +62,7 @@ def logit_derivative(C: torch.Tensor, Psi: torch.Tensor, prior: str = "balanced"
     ``prior``: "balanced" (w_k = K, the release) or "empirical" (w_k = 1/ρ_k with ρ = Ĉ's row sums).
     """
     _check_confusion_pair(C, Psi)
-    if prior not in PRIORS:
-        raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+    check_choice(prior, "prior", PRIORS)
     return _logit_derivative(C, Psi, prior)
 
 
@@ -195,12 +194,9 @@ def gain_matrix(
     Computed on ``weight``'s device; other inputs are moved there. Memory O(K² + Kd + block_size·K²).
     """
     _check_inputs(prototypes, weight, bias, C, Psi)
-    if variant not in GAIN_VARIANTS:
-        raise ValueError(f"variant must be one of {GAIN_VARIANTS}, got {variant!r}")
-    if prior not in PRIORS:
-        raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    check_choice(variant, "variant", GAIN_VARIANTS)
+    check_choice(prior, "prior", PRIORS)
+    check_choice(method, "method", _METHODS)
     if include_bias and bias is None:
         raise ValueError("include_bias=True needs a bias (the head has none)")
     lam = float(mixup_mean)

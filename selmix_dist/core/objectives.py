@@ -18,6 +18,19 @@ Classes with no validation sample (raw row sum 0) are excluded from every recall
 ``metrics.compute_metrics``: their weight g_a is 0 and the averages run over the n present classes.
 Coverage terms ``Σ_j λ_j cov_j`` (``cov_j = Σ_i Ĉ_ij``) add ``λ_b`` to column b of Ψ.
 
+``gradient(C, variant="official")`` instead reproduces the release's Ψ (method spec §2.3–§2.4), which is not
+the derivative of ``psi`` where the release assumes balanced validation rows:
+
+* Ψ = I (mean recall) and Ψ = K·diag(λ) (min / min head-tail recall) for any validation prior;
+* H-mean and G-mean scale factors HM² and GM from the *raw* C (0 when a raw recall is 0, so Ψ ≡ 0), except
+  for the H-mean with head/tail coverage, which takes HM from Ĉ; ρ and the rest of Ψ from Ĉ as above;
+* head/tail multipliers spread as λ_h/(fK) over the classes i < fK and λ_t/((1−f)K) over the rest (f: the
+  head fraction, 0.9 in the release), while the head/tail means use the ⌊fK⌋ head classes of ``head``;
+  when fK is not an integer the λ spread therefore covers one class more than the head: the release's class
+  ⌊fK⌋ by index (the most frequent tail class of its index-sorted CIFAR-LT data), here the lowest-index tail
+  class;
+* the H-mean with head/tail coverage is divided by 1 + max_j λ_j over those per-class values.
+
 Multipliers are recomputed by ``update_multipliers(C)`` from the *raw* C (once per refresh, before
 ``gradient``). Defaults follow the release's fine-tuning configs (method spec §4.5): β = 0 and ω = 50
 for the min-recall objectives (so λ = softmax(−ω r), a memoryless soft-min); α = 0.95, τ = 0.01,
@@ -33,11 +46,12 @@ from typing import Any
 
 import torch
 
-from ._validate import check_bool_mask, check_finite, check_nonnegative, check_num_classes, check_square
+from ._validate import check_bool_mask, check_choice, check_finite, check_nonnegative, check_num_classes, check_square
 from .confusion import coverages, recalls
 
 __all__ = [
     "CLAMP_MIN",
+    "GAIN_VARIANTS",
     "Objective",
     "MeanRecall",
     "MinRecall",
@@ -55,6 +69,8 @@ __all__ = [
 ]
 
 CLAMP_MIN = 1e-7
+# "exact": our documented choices; "official": the release's Ψ here and its positive gain term in gain.py
+GAIN_VARIANTS = ("exact", "official")
 
 
 def _check_confusion(C: object, num_classes: int | None) -> torch.Tensor:
@@ -86,7 +102,8 @@ class Objective:
     Attributes: ``name`` (registry key), ``num_classes`` (K), ``target_metric`` (key of
     ``metrics.compute_metrics`` that the objective optimises), ``constraint_metrics`` (keys that report the
     constraints, empty for unconstrained objectives), ``params`` (hyper-parameters), ``head`` (bool[K] or
-    None).
+    None), ``head_fraction`` (the f that ``head`` was built with, ⌊fK⌋ head classes; used only by the
+    release's head/tail multiplier spread of ``gradient(C, variant="official")``).
     """
 
     name: str = ""
@@ -95,10 +112,17 @@ class Objective:
     requires_head: bool = False
     defaults: dict[str, Any] = {}
 
-    def __init__(self, num_classes: int, head: torch.Tensor | None = None, **params: Any) -> None:
+    def __init__(
+        self, num_classes: int, head: torch.Tensor | None = None, head_fraction: float = 0.9, **params: Any
+    ) -> None:
         self.num_classes = check_num_classes(num_classes)
         self.params = self._check_params(params)
         self.head = self._check_head(head)
+        if isinstance(head_fraction, bool) or not isinstance(head_fraction, (int, float)) or not (
+            0.0 < head_fraction <= 1.0
+        ):
+            raise ValueError(f"head_fraction must be a number in (0, 1], got {head_fraction!r}")
+        self.head_fraction = float(head_fraction)
         self._multipliers: dict[str, torch.Tensor] = self._initial_multipliers()
 
     # ---- hyper-parameters, head mask, state --------------------------------------------------------
@@ -124,6 +148,22 @@ class Objective:
         if self.requires_head and (bool(head.all()) or not bool(head.any())):
             raise ValueError(f"objective {self.name!r} needs at least one head and one tail class")
         return head
+
+    def _release_head_tail_spread(self, lam_head: torch.Tensor, lam_tail: torch.Tensor) -> torch.Tensor:
+        """The release's per-class multipliers, float64 [K]: λ_h/(fK) on the classes "i < fK", λ_t/((1−f)K)
+        on the rest; those classes are ``head`` plus, when fK is not an integer, the lowest-index tail class."""
+        k, f = self.num_classes, self.head_fraction
+        n_head = int(self.head.sum())
+        fk = round(f * k, 9)  # as head_tail_masks: 0.9 * 30 = 27.000000000000004 is the integer 27
+        if n_head != math.floor(fk):
+            raise ValueError(
+                f"objective {self.name!r}: head has {n_head} classes but head_fraction={f} gives "
+                f"floor({f}·{k}) = {math.floor(fk)} (build both from the same fraction: head_tail_masks)"
+            )
+        spread_head = self.head.clone()
+        if fk != n_head:
+            spread_head[torch.nonzero(~self.head)[0, 0]] = True
+        return torch.where(spread_head, lam_head.double() / (f * k), lam_tail.double() / ((1.0 - f) * k))
 
     def _initial_multipliers(self) -> dict[str, torch.Tensor]:
         return {}
@@ -179,11 +219,16 @@ class Objective:
         present = C.detach().sum(dim=1) > 0
         return self._psi(C.clamp_min(CLAMP_MIN), present)
 
-    def gradient(self, C: torch.Tensor) -> torch.Tensor:
-        """Closed-form Ψ = ∂psi/∂C at Ĉ, float64 [K, K] on ``C``'s device."""
+    def gradient(self, C: torch.Tensor, variant: str = "exact") -> torch.Tensor:
+        """Ψ float64 [K, K] on ``C``'s device: the closed-form ∂psi/∂C at Ĉ (variant "exact") or the release's
+        Ψ (variant "official", see the module docstring)."""
+        check_choice(variant, "variant", GAIN_VARIANTS)
         C = _check_confusion(C, self.num_classes).detach().to(torch.float64)
         with torch.no_grad():
-            return self._gradient(C.clamp_min(CLAMP_MIN), C.sum(dim=1) > 0)
+            ch, present = C.clamp_min(CLAMP_MIN), C.sum(dim=1) > 0
+            if variant == "official":
+                return self._release_gradient(C, ch, present)
+            return self._gradient(ch, present)
 
     def update_multipliers(self, C: torch.Tensor) -> None:
         """Recompute the multipliers from the raw validation C (once per refresh, before ``gradient``)."""
@@ -194,6 +239,10 @@ class Objective:
         raise NotImplementedError
 
     def _gradient(self, ch: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _release_gradient(self, C: torch.Tensor, ch: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """The release's Ψ from the raw ``C`` and ``ch`` = Ĉ."""
         raise NotImplementedError
 
     def _update(self, C: torch.Tensor) -> None:
@@ -219,6 +268,19 @@ class _RecallObjective(Objective):
     def _normaliser(self) -> float:
         return 1.0
 
+    def _release_recall_weights(self, present: torch.Tensor) -> torch.Tensor:
+        """λ_i of the release's Ψ = K·diag(λ) (only for base == "weighted")."""
+        raise NotImplementedError
+
+    def _release_column_multipliers(self) -> torch.Tensor | None:
+        return self._column_multipliers()
+
+    def _release_normaliser(self) -> float:
+        return self._normaliser()
+
+    # the release computes HM and GM of Ψ from the raw C, except for this objective's H-mean (from Ĉ)
+    release_value_from_clipped: bool = False
+
     def _base_value(self, r: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         mask = present.to(r.dtype)
         n = mask.sum()
@@ -230,17 +292,17 @@ class _RecallObjective(Objective):
             return torch.exp((torch.log(r) * mask).sum() / n)
         return (self._recall_weights(present).to(r) * r).sum()
 
-    def _base_weights(self, r: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """g = ∂f/∂r, float64 [K]."""
+    def _base_weights(self, r: torch.Tensor, present: torch.Tensor, value: torch.Tensor | None = None) -> torch.Tensor:
+        """g = ∂f/∂r, float64 [K]; ``value`` replaces f(r) in the H-mean/G-mean factor (the release's raw HM/GM)."""
         mask = present.to(r.dtype)
         n = mask.sum()
         if self.base == "mean":
             return mask / n
         if self.base == "hmean":
-            value = n / (mask / r).sum()
+            value = self._base_value(r, present) if value is None else value
             return mask * value**2 / (n * r**2)
         if self.base == "gmean":
-            value = torch.exp((torch.log(r) * mask).sum() / n)
+            value = self._base_value(r, present) if value is None else value
             return mask * value / (n * r)
         return self._recall_weights(present).to(r)
 
@@ -252,17 +314,39 @@ class _RecallObjective(Objective):
             value = value + (lam.to(ch) * ch.sum(dim=0)).sum()
         return value / self._normaliser()
 
-    def _gradient(self, ch: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    def _recall_terms(
+        self, ch: torch.Tensor, present: torch.Tensor, value: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """∂f(r)/∂C_ab = coef_a (δ_ab − r_a) at Ĉ as (coef, −coef∘r), float64 [K] each."""
         rho = ch.sum(dim=1)
         r = ch.diagonal() / rho
-        coef = self._base_weights(r, present) / rho
-        # Ψ_ab = coef_a (δ_ab − r_a) + λ_b: a row constant, a column constant and a diagonal.
-        row = -(coef * r)
-        lam = self._column_multipliers()
-        grad = row.unsqueeze(1) + (lam.to(ch) if lam is not None else torch.zeros_like(row)).unsqueeze(0)
-        grad.diagonal().add_(coef)
-        norm = self._normaliser()
+        coef = self._base_weights(r, present, value) / rho
+        return coef, -(coef * r)
+
+    @staticmethod
+    def _assemble(diag: torch.Tensor, row: torch.Tensor, lam: torch.Tensor | None, norm: float) -> torch.Tensor:
+        """Ψ_ab = (δ_ab diag_a + row_a + λ_b) / norm: a diagonal, a row constant and a column constant."""
+        grad = row.unsqueeze(1) + (lam.to(row) if lam is not None else torch.zeros_like(row)).unsqueeze(0)
+        grad.diagonal().add_(diag)
         return grad if norm == 1.0 else grad.div_(norm)
+
+    def _gradient(self, ch: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        coef, row = self._recall_terms(ch, present)
+        return self._assemble(coef, row, self._column_multipliers(), self._normaliser())
+
+    def _release_gradient(self, C: torch.Tensor, ch: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        k = self.num_classes
+        if self.base in ("mean", "weighted"):
+            # Ψ = I (ψ = Σ_i C_ii) or K·diag(λ): the recall derivative if every ρ_i were 1/K
+            row = torch.zeros(k, dtype=torch.float64, device=ch.device)
+            diag = torch.ones_like(row) if self.base == "mean" else k * self._release_recall_weights(present).to(row)
+        else:
+            source = ch if self.release_value_from_clipped else C
+            rho = source.sum(dim=1)
+            # raw recalls of the present classes (absent ones weigh 0; 1 keeps log and 1/r finite)
+            r = torch.where(present, source.diagonal() / torch.where(present, rho, 1.0), 1.0)
+            diag, row = self._recall_terms(ch, present, value=self._base_value(r, present))
+        return self._assemble(diag, row, self._release_column_multipliers(), self._release_normaliser())
 
 
 class MeanRecall(_RecallObjective):
@@ -334,6 +418,9 @@ class MinRecall(_RecallObjective):
             return w / total
         return present.to(torch.float64) / present.sum()
 
+    def _release_recall_weights(self, present: torch.Tensor) -> torch.Tensor:
+        return self._multipliers["lambda"]
+
 
 class MinHeadTailRecall(MinRecall):
     """min(r̄_H, r̄_T) via λ_h r̄_H + λ_t r̄_T (r̄ = mean recall over the present head/tail classes).
@@ -375,6 +462,9 @@ class MinHeadTailRecall(MinRecall):
         w[tail] = lam_t / total / max(int(tail.sum()), 1)
         return w
 
+    def _release_recall_weights(self, present: torch.Tensor) -> torch.Tensor:
+        return self._release_head_tail_spread(self._multipliers["lambda_head"], self._multipliers["lambda_tail"])
+
 
 class _CoverageObjective(_RecallObjective):
     """Base recall aggregate subject to coverage ≥ α/K, per class or for the head/tail means.
@@ -383,7 +473,8 @@ class _CoverageObjective(_RecallObjective):
     v = α/K − cov; ``update="dual"`` accumulates λ ← clip(λ − ω (cov − α/K), 0, λ_max) (starts at 0).
     ψ = [f(r) + Σ_j λ_j cov_j] / (1 + max λ), where for head/tail constraints λ_j = λ_h/|H| on head
     columns and λ_t/|T| on tail columns and the normaliser is 1 + max(λ_h, λ_t) for both base aggregates
-    (the release uses 1 + max_j λ_j for the H-mean variant — method spec §3.8.6).
+    (the release uses 1 + max_j λ_j for the H-mean variant — method spec §3.8.6 — and its own λ_j spread:
+    both reproduced by ``gradient(C, variant="official")``).
     """
 
     head_tail: bool = False
@@ -436,6 +527,11 @@ class _CoverageObjective(_RecallObjective):
     def _normaliser(self) -> float:
         return 1.0 + max(float(v.max()) for v in self._multipliers.values())
 
+    def _release_column_multipliers(self) -> torch.Tensor:
+        if not self.head_tail:
+            return self._multipliers["lambda"]
+        return self._release_head_tail_spread(self._multipliers["lambda_head"], self._multipliers["lambda_tail"])
+
 
 class MeanRecallMinCoverage(_CoverageObjective):
     """max mean recall s.t. cov_j ≥ α/K for every class j."""
@@ -475,6 +571,11 @@ class HMeanMinHeadTailCoverage(_CoverageObjective):
     base = "hmean"
     head_tail = True
     requires_head = True
+    release_value_from_clipped = True
+
+    def _release_normaliser(self) -> float:
+        # the release divides by 1 + the largest per-class λ_j (its mean-recall twin by 1 + max(λ_h, λ_t))
+        return 1.0 + float(self._release_column_multipliers().max())
 
 
 class CustomObjective(Objective):
@@ -512,7 +613,9 @@ class CustomObjective(Objective):
         C = _check_confusion(C, self.num_classes)
         return self._call(C.clamp_min(CLAMP_MIN))
 
-    def gradient(self, C: torch.Tensor) -> torch.Tensor:
+    def gradient(self, C: torch.Tensor, variant: str = "exact") -> torch.Tensor:
+        """Ψ by autograd at Ĉ, for both variants (the release has no custom objectives to reproduce)."""
+        check_choice(variant, "variant", GAIN_VARIANTS)
         C = _check_confusion(C, self.num_classes)
         ch = C.detach().to(torch.float64).clamp_min(CLAMP_MIN).requires_grad_(True)
         with torch.enable_grad():
@@ -562,13 +665,14 @@ ALIASES: dict[str, str] = {
 
 
 def build_objective(
-    name: str, num_classes: int, head: torch.Tensor | None = None, **params: Any
+    name: str, num_classes: int, head: torch.Tensor | None = None, head_fraction: float = 0.9, **params: Any
 ) -> Objective:
-    """Instantiate a registered objective (or a release alias). ``head`` is used by the head/tail ones."""
+    """Instantiate a registered objective (or a release alias). ``head`` is used by the head/tail ones;
+    ``head_fraction`` is the f it was built with (``head_tail_masks``), read by the release's λ spread."""
     key = ALIASES.get(name, name)
     if key not in OBJECTIVES:
         choices = sorted(OBJECTIVES) + sorted(ALIASES)
         closest = difflib.get_close_matches(str(name), choices, n=1, cutoff=0.0)
         hint = f"; did you mean {closest[0]!r}?" if closest else ""
         raise ValueError(f"unknown objective {name!r}{hint} valid: {', '.join(sorted(OBJECTIVES))}")
-    return OBJECTIVES[key](num_classes, head=head, **params)
+    return OBJECTIVES[key](num_classes, head=head, head_fraction=head_fraction, **params)

@@ -15,9 +15,14 @@ import torch
 
 from ._validate import check_finite, check_square
 from .confusion import class_support, joint_confusion
-from .distribution import TEMPERATURE_RULES, distribution_and_temperature, distribution_entropy
-from .gain import GAIN_VARIANTS, PRIORS, gain_matrix
-from .objectives import Objective
+from .distribution import (
+    TEMPERATURE_RULES,
+    distribution_and_temperature,
+    distribution_entropy,
+    effective_support,
+)
+from .gain import PRIORS, gain_matrix
+from .objectives import GAIN_VARIANTS, Objective
 
 __all__ = ["RefreshSettings", "Refresh", "selmix_refresh", "update_objective"]
 
@@ -33,7 +38,8 @@ class RefreshSettings:
     eps: ε added to every entry of P before renormalising.
     positive_only: keep only pairs with positive gain (P uniform over all K² pairs if none).
     uniform: ignore G; P uniform over all K² pairs (the plain-mixup baseline).
-    gain_variant: "exact" (our documented choices) or "official" (reproduces the release).
+    gain_variant: "exact" (our documented choices) or "official" (reproduces the release: its Ψ in
+        ``Objective.gradient`` and its positive gain term in ``gain_matrix``).
     include_bias: model the bias update in the gain.
     prior: class prior in dC/dA, "balanced" (K) or "empirical" (1/ρ_k).
     mixup_min: λ ~ U[mixup_min, 1] in training; the gain uses λ̄ = (mixup_min + 1) / 2.
@@ -107,7 +113,7 @@ class Refresh:
     @property
     def effective_support(self) -> float:
         """exp(entropy of P): the number of equally likely pairs with P's entropy (1 to K²)."""
-        return math.exp(self.entropy)
+        return effective_support(self.distribution)
 
 
 def update_objective(counts: torch.Tensor, objective: Objective, device: torch.device | None = None) -> torch.Tensor:
@@ -159,7 +165,7 @@ def selmix_refresh(counts: torch.Tensor, feature_sums: torch.Tensor, weight: tor
     if settings.uniform:
         gain = torch.zeros(k, k, dtype=torch.float64, device=device)
         return Refresh(joint, prototypes, None, gain, torch.full_like(gain, 1.0 / k**2), math.inf)
-    psi = objective.gradient(joint)
+    psi = objective.gradient(joint, variant=settings.gain_variant)
     gain = gain_matrix(prototypes, weight, bias, joint, psi, variant=settings.gain_variant,
                        include_bias=settings.include_bias, prior=settings.prior, mixup_mean=settings.mixup_mean)
     distribution, temperature = distribution_and_temperature(

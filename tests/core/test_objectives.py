@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from selmix_dist.core.confusion import head_tail_masks
 from selmix_dist.core.gain import logit_derivative
 from selmix_dist.core.metrics import compute_metrics
 from selmix_dist.core.objectives import OBJECTIVES, CustomObjective, build_objective
@@ -248,3 +249,110 @@ def test_custom_objective_autograd() -> None:
         CustomObjective(lambda c: c.sum(dim=0)).psi(C)
     with pytest.raises(ValueError, match="non-finite gradient"):
         CustomObjective(lambda c: torch.sqrt(c - c[0, 0]).sum()).gradient(C)
+
+
+# ---- the release's Ψ (variant "official"), brute force from method spec §2.3–§2.4 ------------------
+def _release_psi(name: str, C: list[list[float]], mult: dict[str, torch.Tensor]) -> list[list[float]]:
+    """Ψ as the spec describes the release, on index-sorted classes (head: i < int(0.9K) for the means)."""
+    k = len(C)
+    ch = [[max(x, 1e-7) for x in row] for row in C]
+    rho = [sum(row) for row in ch]
+    raw_r = [C[i][i] / sum(C[i]) for i in range(k)]
+    clipped_r = [ch[i][i] / rho[i] for i in range(k)]
+
+    def spread(lam_h: float, lam_t: float) -> list[float]:  # λ_h/(0.9K) for i < 0.9K, λ_t/(0.1K) otherwise
+        return [lam_h / (0.9 * k) if i < 0.9 * k else lam_t / (0.1 * k) for i in range(k)]
+
+    def mean(x):
+        return sum(x) / len(x)
+
+    psi = [[0.0] * k for _ in range(k)]
+    if name in ("mean_recall", "mean_recall_min_coverage", "mean_recall_min_head_tail_coverage"):
+        psi = [[float(i == j) for j in range(k)] for i in range(k)]  # Ψ = I
+    elif name == "min_recall":
+        lam = mult["lambda"].tolist()
+        psi = [[k * lam[i] * (i == j) for j in range(k)] for i in range(k)]  # Ψ = K·diag(λ)
+    elif name == "min_head_tail_recall":
+        lam = spread(float(mult["lambda_head"]), float(mult["lambda_tail"]))
+        psi = [[k * lam[i] * (i == j) for j in range(k)] for i in range(k)]
+    elif name == "g_mean":
+        gm = math.exp(mean([math.log(x) for x in raw_r])) if min(raw_r) > 0 else 0.0
+        psi = [[gm / k * ((i == j) / ch[i][i] - 1 / rho[i]) for j in range(k)] for i in range(k)]
+    else:  # the H-means: HM of the raw matrix, of the clipped one for the head/tail coverage variant
+        r = clipped_r if name == "h_mean_min_head_tail_coverage" else raw_r
+        hm = k / sum(1 / x for x in r) if min(r) > 0 else 0.0
+        psi = [[hm**2 / k * ((i == j) * rho[i] / ch[i][i] ** 2 - 1 / ch[i][i]) for j in range(k)] for i in range(k)]
+    if "coverage" in name:
+        if "head_tail" in name:
+            lam_h, lam_t = float(mult["lambda_head"]), float(mult["lambda_tail"])
+            lam = spread(lam_h, lam_t)
+            norm = 1 + (max(lam) if name.startswith("h_mean") else max(lam_h, lam_t))
+        else:
+            lam = mult["lambda"].tolist()
+            norm = 1 + max(lam)
+        psi = [[(psi[i][j] + lam[j]) / norm for j in range(k)] for i in range(k)]
+    return psi
+
+
+def _release_case(k: int, seed: int, zero_recall: bool) -> torch.Tensor:
+    """Unbalanced validation rows, zero entries (clipped to 1e-7), class 0 over-predicted (coverage binds)."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 4, (k, k), generator=g).double() + 6 * torch.eye(k, dtype=torch.float64)
+    counts[:, 0] += 5
+    counts *= torch.randint(1, 4, (k, 1), generator=g)  # row sums differ: ρ_i ≠ 1/K
+    if zero_recall:
+        counts[k - 1, k - 1] = 0.0  # a tail class never recognised
+    return counts / counts.sum()
+
+
+@pytest.mark.parametrize("k", [15, 20])  # 0.9K = 13.5 (the λ spread covers one class more) and 18
+@pytest.mark.parametrize("zero_recall", [False, True])
+def test_official_gradient_is_the_release_psi(k: int, zero_recall: bool) -> None:
+    C = _release_case(k, seed=k, zero_recall=zero_recall)
+    head, _ = head_tail_masks(torch.arange(k, 0, -1), head_fraction=0.9)  # index-sorted: the first int(0.9K)
+    assert head.tolist() == [i < int(0.9 * k) for i in range(k)]
+    for name in sorted(OBJECTIVES):
+        obj = build_objective(name, k, head=head, head_fraction=0.9)
+        obj.update_multipliers(C)
+        mult = obj.multipliers()
+        if name == "min_head_tail_recall":  # §2.3: softmax(−ω [r̄_H, r̄_T]), means over [:int(0.9K)] and the rest
+            r, n_head = (C.diagonal() / C.sum(dim=1)).tolist(), int(0.9 * k)
+            means = [sum(r[:n_head]) / n_head, sum(r[n_head:]) / (k - n_head)]
+            assert [float(mult["lambda_head"]), float(mult["lambda_tail"])] == pytest.approx(_softmin(means, 50.0))
+        expected = torch.tensor(_release_psi(name, C.tolist(), mult), dtype=torch.float64)
+        official = obj.gradient(C, variant="official")
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(official, expected, rtol=1e-10, atol=1e-12 * scale, msg=name)
+        exact = obj.gradient(C)
+        if name not in ("h_mean", "g_mean", "h_mean_min_coverage") or zero_recall:
+            # the release's choices matter here (for the plain H/G-mean only through a zero raw recall)
+            assert float((official - exact).abs().max()) > 1e-3 * float(exact.abs().max()), name
+
+
+def test_official_h_and_g_mean_collapse_on_a_zero_recall() -> None:
+    """§2.4: a raw recall of 0 makes HM = GM = 0 and Ψ ≡ 0 in the release; ours is evaluated at Ĉ."""
+    C = _release_case(10, seed=3, zero_recall=True)
+    for name in ("h_mean", "g_mean"):
+        obj = build_objective(name, 10)
+        assert torch.equal(obj.gradient(C, variant="official"), torch.zeros(10, 10, dtype=torch.float64))
+        assert float(obj.gradient(C).abs().max()) > 0
+
+
+def test_official_head_tail_spread_needs_a_consistent_head_fraction() -> None:
+    C = _release_case(15, seed=1, zero_recall=False)
+    head, _ = head_tail_masks(torch.arange(15, 0, -1), head_fraction=0.8)  # 12 head classes
+    for name in ("min_head_tail_recall", "mean_recall_min_head_tail_coverage"):
+        obj = build_objective(name, 15, head=head)  # head_fraction 0.9 would mean 13 head classes
+        obj.update_multipliers(C)
+        with pytest.raises(ValueError, match=r"head has 12 classes but head_fraction=0.9 gives floor\(0.9·15\)"):
+            obj.gradient(C, variant="official")
+        obj.gradient(C)  # the exact variant does not use the fraction
+        fitting = build_objective(name, 15, head=head, head_fraction=0.8)
+        fitting.update_multipliers(C)
+        lam = fitting._release_head_tail_spread(*torch.tensor([0.3, 0.7], dtype=torch.float64))
+        # 0.8·15 = 12 is an integer: the spread covers exactly the head
+        assert lam.tolist() == pytest.approx([0.3 / 12] * 12 + [0.7 / 3] * 3, rel=1e-12)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        build_objective("mean_recall", 3).gradient(C3, variant="paper")
+    with pytest.raises(ValueError, match="head_fraction must be a number in"):
+        build_objective("mean_recall", 3, head_fraction=1.5)

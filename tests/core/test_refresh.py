@@ -63,7 +63,7 @@ def test_refresh_equals_the_step_by_step_sequence(settings: RefreshSettings) -> 
             joint = counts.double() / counts.sum()
             prototypes = torch.stack([feats[labels == c].mean(dim=0) for c in range(K)])
             theirs.update_multipliers(joint)
-            psi = theirs.gradient(joint)
+            psi = theirs.gradient(joint, variant=settings.gain_variant)
             gain = gain_matrix(prototypes, w.double(), b.double(), joint, psi, variant=settings.gain_variant,
                                include_bias=settings.include_bias, prior=settings.prior,
                                mixup_mean=(settings.mixup_min + 1) / 2)
