@@ -61,7 +61,8 @@ class Trainer:
         head_mask, _ = head_tail_masks(train_counts, head_fraction=cfg.data.head_fraction)
         self.class_order = torch.argsort(train_counts, descending=True, stable=True)  # heatmaps: head first
         self.evaluator = Evaluator(self.k, cfg.data.eval_batch_size, self.acc.device, head_mask)
-        self.objective = build_objective(cfg.objective.name, self.k, head=head_mask, **cfg.objective.params)
+        self.objective = build_objective(cfg.objective.name, self.k, head=head_mask,
+                                         head_fraction=cfg.data.head_fraction, **cfg.objective.params)
         # Also the run's max-gain history (checkpointed), whether or not early stopping is enabled.
         self.convergence = GainConvergence(window=cfg.run.early_stop_window, rel_tol=cfg.run.early_stop_tol)
         self.partners = data.partners.hidden() if cfg.selmix.setting == "semi" else data.labeled
