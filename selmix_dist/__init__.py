@@ -8,3 +8,11 @@ is the one module that talks to accelerate / torch.distributed; `atomic` the one
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):  # PEP 562: `selmix_dist.load_classifier` without importing torch/timm on every import
+    if name == "load_classifier":
+        from selmix_dist.classifier import load_classifier
+
+        return load_classifier
+    raise AttributeError(f"module 'selmix_dist' has no attribute {name!r}")

@@ -34,6 +34,7 @@ __all__ = [
     "FrozenBackbone",
     "assert_only_head_trainable",
     "build_backbone",
+    "build_backbone_from_spec",
     "load_efficientnet_lite",
     "load_state_dict_file",
     "map_lite_state_dict",
@@ -147,6 +148,29 @@ class FrozenBackbone(nn.Module):
         """Canonical text of the eval transform (part of the feature-cache key)."""
         cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()}
         return f"{sorted(cfg.items())}|{self.transform(train=False)!r}"
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-ready recipe that `build_backbone_from_spec` turns back into this backbone.
+
+        {"model": timm name, "weights": "lite" | "timm" | "none" | absolute path of a state-dict file,
+         "seed": the init seed (weights "none" only, else None), "image_size": crop side H,
+         "data_config": `data_config` with lists for tuples, "num_classes": the model's own classifier size
+         (file weights only, so that the strict load fits again; None when the classifier was moved out)}.
+        """
+        kind, _, rest = self.weights_source.partition(":")
+        seed, num_classes = None, None
+        if kind in ("lite", "timm"):
+            weights = kind
+        elif kind == "none" and rest.startswith("seed="):
+            weights, seed = "none", int(rest.removeprefix("seed="))
+        elif kind == "file":
+            weights, num_classes = str(Path(rest).resolve()), int(self.model.num_classes) or None
+        else:
+            raise ValueError(f"backbone {self.name!r} has weights source {self.weights_source!r}, which "
+                             "build_backbone does not produce; it cannot be described as a spec")
+        data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()}
+        return {"model": self.name, "weights": weights, "seed": seed, "image_size": int(data_config["input_size"][-1]),
+                "data_config": data_config, "num_classes": num_classes}
 
 
 def new_head(backbone: FrozenBackbone, num_classes: int, init: str = "zeros", seed: int = 0) -> nn.Linear:
@@ -395,3 +419,29 @@ def build_backbone(
     }
     config = resolve_data_config({k: v for k, v in overrides.items() if v is not None}, model=model)
     return FrozenBackbone(model, name, config, source)
+
+
+SPEC_KEYS = ("model", "weights", "seed", "image_size", "data_config", "num_classes")
+
+
+def build_backbone_from_spec(spec: Mapping[str, Any], where: str = "backbone spec") -> FrozenBackbone:
+    """The backbone `FrozenBackbone.spec()` describes; ValueError (naming `where`) when it cannot be rebuilt.
+
+    The rebuilt backbone's data config must equal the recorded one (crop_mode, which build_backbone cannot
+    override, included), so the eval transform is the recorded one.
+    """
+    missing = [k for k in SPEC_KEYS if k not in spec]
+    if missing:
+        raise ValueError(f"{where} lacks key(s) {missing} (expected {list(SPEC_KEYS)})")
+    cfg = spec["data_config"]
+    height, width = cfg["input_size"][1:]
+    if height != width:
+        raise ValueError(f"{where}: input_size {cfg['input_size']} is not square; build_backbone makes square crops")
+    backbone = build_backbone(spec["model"], spec["weights"], seed=spec["seed"] or 0, num_classes=spec["num_classes"],
+                              image_size=height, mean=cfg["mean"], std=cfg["std"],
+                              interpolation=cfg["interpolation"], crop_pct=cfg["crop_pct"])
+    rebuilt = backbone.spec()["data_config"]
+    if rebuilt != cfg:
+        diffs = {k: (cfg.get(k), rebuilt.get(k)) for k in rebuilt if cfg.get(k) != rebuilt.get(k)}
+        raise ValueError(f"{where}: the rebuilt {spec['model']!r} has another data config (recorded, rebuilt): {diffs}")
+    return backbone

@@ -15,7 +15,9 @@ Chunks are written to a temporary name and renamed, so a chunk file is either co
 
 The cache key is (model name, weights sha256, eval-transform description, storage dtype); a split also
 carries the sha256 of its split file (or of its indices and labels). An existing cache with another key
-is never overwritten unless `overwrite=True`. The cache directory must be visible to every rank.
+is never overwritten unless `overwrite=True`. The cache directory must be visible to every rank. The
+manifest's `backbone` field (`FrozenBackbone.spec()`, not part of the key, absent in caches written before
+it existed) says how to rebuild the backbone.
 """
 
 from __future__ import annotations
@@ -190,8 +192,11 @@ def _chunks_present(split_dir: Path, chunks: list[dict[str, Any]]) -> bool:
 
 
 def _prepare(out_dir: Path, split: str, key: CacheKey, split_sha256: str, n: int, chunk_size: int,
-             num_features: int, overwrite: bool) -> tuple[str, dict[str, Any]]:
+             num_features: int, overwrite: bool, backbone_spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """Rank 0: check the cache against the key, clear it when `overwrite`, record this split as started.
+
+    The manifest also records `backbone_spec` (`FrozenBackbone.spec()`, how to rebuild the backbone for
+    export); it is not part of the key, so caches written before it existed are reused as they are.
 
     Returns ("done", manifest) when the split is complete and its files are present, else ("run", manifest).
     """
@@ -220,6 +225,7 @@ def _prepare(out_dir: Path, split: str, key: CacheKey, split_sha256: str, n: int
         elif old and old.get("complete") and _chunks_present(out_dir / split, old["chunks"]):
             return "done", manifest
     manifest = manifest or {**header, "splits": {}}
+    manifest["backbone"] = backbone_spec
     manifest["splits"][split] = {**entry_key, "complete": False, "chunks": []}
     (out_dir / split).mkdir(parents=True, exist_ok=True)
     _write_json_atomic(path, manifest)
@@ -285,7 +291,7 @@ def extract_features(
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
             decision = _prepare(out_dir, split, key, split_sha256, n, chunk_size, backbone.num_features,
-                                overwrite)
+                                overwrite, backbone.spec())
         except (ValueError, FileNotFoundError, OSError) as e:
             decision = ("error", e)
     else:
