@@ -40,6 +40,7 @@ from selmix_dist import atomic
 from selmix_dist.core.metrics import METRIC_NAMES
 
 SPLITS = ("val", "test")
+RECORD_SPLITS = (*SPLITS, "test_best")  # test_best: the best head on test at the end, its step in head_step
 MAX_BINS = 200
 REQUIRED_FILES = ("config.yaml", "meta.json", "history.jsonl", "distribution_first.pt",
                   "distribution_last.pt")
@@ -114,14 +115,14 @@ def load_history(run_dir: Path, num_classes: int) -> list[dict]:
         for field in ("step", "split", "metrics", "per_class_recall"):
             if field not in rec:
                 raise ValueError(f"{where}: missing field '{field}'")
-        valid = isinstance(rec["step"], int) and rec["split"] in SPLITS and isinstance(rec["metrics"], dict)
+        valid = isinstance(rec["step"], int) and rec["split"] in RECORD_SPLITS and isinstance(rec["metrics"], dict)
         if not valid:
-            raise ValueError(f"{where}: need an int 'step', 'split' in {SPLITS} and a 'metrics' object")
+            raise ValueError(f"{where}: need an int 'step', 'split' in {RECORD_SPLITS} and a 'metrics' object")
         if len(rec["per_class_recall"]) != num_classes:
             raise ValueError(f"{where}: per_class_recall has {len(rec['per_class_recall'])} entries, "
                              f"num_classes = {num_classes}")
         records[(rec["step"], rec["split"])] = rec
-    return sorted(records.values(), key=lambda r: (r["step"], SPLITS.index(r["split"])))
+    return sorted(records.values(), key=lambda r: (r["step"], RECORD_SPLITS.index(r["split"])))
 
 
 def load_distribution(run_dir: Path, name: str, num_classes: int) -> dict:
@@ -153,6 +154,8 @@ def summarise(history: list[dict], target_metric: str) -> dict:
 
     best_val = best_of(val)
     test_by_step = {r["step"]: r for r in by_split["test"]}
+    # The trainer evaluates the best head on test at the end (split 'test_best', its step in 'head_step').
+    test_by_step.update({r["head_step"]: {**r, "step": r["head_step"]} for r in history if r["split"] == "test_best"})
     tested = [r for r in val if r["step"] in test_by_step]
     best_tested = best_of(tested) if tested else None
     out: dict[str, Any] = {

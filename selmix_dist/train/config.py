@@ -104,8 +104,14 @@ class SelMixConfig:
 class ObjectiveConfig:
     name: str = doc("Objective (selmix_dist.core.OBJECTIVES), e.g. min_recall, h_mean, "
                     "mean_recall_min_coverage.", "min_recall")
-    params: dict = doc("Objective hyper-parameters passed to build_objective (e.g. {omega: 50, beta: 0}).",
-                       default_factory=dict)
+    params: dict = doc("Hyper-parameters per objective, {objective: {param: value}} (e.g. {min_recall: {omega: 50}, "
+                       "mean_recall_min_coverage: {alpha: 0.95}}): switching objective.name picks that objective's "
+                       "group. A flat mapping, and objective.params.<param>=value on the command line, belong to "
+                       "the objective named in the same place.", default_factory=dict)
+
+    def active(self) -> dict[str, Any]:
+        """The parameters of the selected objective."""
+        return dict(self.params.get(self.name, {}))
 
 
 @dataclass
@@ -225,21 +231,44 @@ def _apply(cfg: Config, key: str, value: Any, origin: str) -> None:
     section = getattr(cfg, parts[0])
     names = [f.name for f in dataclasses.fields(section)]
     if len(parts) == 3 and parts[1] == "params" and parts[0] == "objective":
-        section.params[parts[2]] = yaml.safe_load(value) if isinstance(value, str) else value
+        _pending_params.append((parts[2], yaml.safe_load(value) if isinstance(value, str) else value))
         return
     if len(parts) != 2 or parts[1] not in names:
         name = parts[1] if len(parts) > 1 else ""
         valid = [f"{parts[0]}.{n}" for n in names]
         raise ValueError(f"{origin}: unknown config key '{key}'{_closest(f'{parts[0]}.{name}', valid)}")
     coerced = _coerce(key, value, getattr(section, parts[1]))
+    if key == "objective.params":
+        coerced = _grouped(coerced, origin)
     choices = _CHOICES.get((parts[0], parts[1]))
     if choices and coerced not in choices:
         raise ValueError(f"{origin}: config key '{key}' must be one of {list(choices)}, got {coerced!r}")
     setattr(section, parts[1], coerced)
 
 
+def _grouped(params: dict, origin: str) -> dict:
+    """{objective: {param: value}} as is; a flat mapping is kept for the objective named at `origin`."""
+    from selmix_dist.core import OBJECTIVES
+
+    if params and all(k in OBJECTIVES and isinstance(v, dict) for k, v in params.items()):
+        return {k: dict(v) for k, v in params.items()}
+    _pending_params.extend(params.items())
+    return {}
+
+
+# objective parameters given flat, waiting for the objective name of the same file / command line
+_pending_params: list[tuple[str, Any]] = []
+
+
+def _adopt_pending(cfg: Config) -> None:
+    while _pending_params:
+        key, value = _pending_params.pop(0)
+        cfg.objective.params.setdefault(cfg.objective.name, {})[key] = value
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file (sections of keys), then `section.key=value` overrides, validated."""
+    _pending_params.clear()
     cfg = Config()
     if path:
         path = Path(path)
@@ -253,11 +282,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 raise ValueError(f"{path}: section '{sec}' must be a mapping of keys")
             for key, value in values.items():
                 _apply(cfg, f"{sec}.{key}", value, str(path))
+        _adopt_pending(cfg)  # a file's flat parameters belong to the file's objective
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override '{item}' is not of the form section.key=value")
         key, value = item.split("=", 1)
         _apply(cfg, key.strip(), yaml.safe_load(value) if value.strip() else "", "command line")
+    _adopt_pending(cfg)
     validate(cfg)
     return cfg
 

@@ -148,12 +148,16 @@ class Monitor:
         if self.writer is not None:
             self.writer.add_image(tag, heatmap_image(matrix, order), step, dataformats="CHW")
 
-    def evaluation(self, step: int, split: str, metrics: dict[str, float], per_class_recall: torch.Tensor) -> None:
-        """One line of history.jsonl plus the matching TensorBoard scalars."""
+    def evaluation(self, step: int, split: str, metrics: dict[str, float], per_class_recall: torch.Tensor,
+                   head_step: int | None = None) -> None:
+        """One line of history.jsonl plus the matching TensorBoard scalars. `head_step`: the step of the head
+        that was evaluated when it is not the current one (the best head, split 'test_best')."""
         if not self.enabled:
             return
         record = {"step": step, "split": split, "metrics": _finite(metrics),
                   "per_class_recall": per_class_recall.tolist()}
+        if head_step is not None:
+            record["head_step"] = head_step
         with open(self.history_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         self.scalars({f"{split}/{k}": v for k, v in metrics.items()}, step)

@@ -62,7 +62,7 @@ class Trainer:
         self.class_order = torch.argsort(train_counts, descending=True, stable=True)  # heatmaps: head first
         self.evaluator = Evaluator(self.k, cfg.data.eval_batch_size, self.acc.device, head_mask)
         self.objective = build_objective(cfg.objective.name, self.k, head=head_mask,
-                                         head_fraction=cfg.data.head_fraction, **cfg.objective.params)
+                                         head_fraction=cfg.data.head_fraction, **cfg.objective.active())
         # Also the run's max-gain history (checkpointed), whether or not early stopping is enabled.
         self.convergence = GainConvergence(window=cfg.run.early_stop_window, rel_tol=cfg.run.early_stop_tol)
         self.partners = data.partners.hidden() if cfg.selmix.setting == "semi" else data.labeled
@@ -218,6 +218,12 @@ class Trainer:
             self._log_eval(monitor, self.data.val, "val")
         if self.data.test is not None:
             self._log_eval(monitor, self.data.test, "test")
+            if self.best["step"] not in (-1, self.step):  # the best head on test too (chosen on validation)
+                best = self.run_dir.checkpoints / "best.pt"
+                head = torch.nn.Linear(self.data.labeled.num_features, self.k).to(self.acc.device)
+                head.load_state_dict(torch.load(best, map_location=self.acc.device, weights_only=True)["head"])
+                metrics, recall = self.evaluator.evaluate(head, self.data.test)
+                monitor.evaluation(self.step, "test_best", metrics, recall, head_step=self.best["step"])
         self.save_checkpoint(complete=True)
         self.run_dir.mark("complete", final_step=self.step, best=self.best)
         monitor.summary(self.step, self.best, self.objective.target_metric, self.run_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -26,7 +27,7 @@ def test_yaml_then_overrides(tmp_path):
     cfg = load_config(path, ["run.seed=7", "selmix.include_bias=true", "objective.params.omega=20"])
     assert (cfg.run.steps, cfg.run.seed, cfg.objective.name) == (123, 7, "h_mean")
     assert cfg.selmix.temperature == 0.5 and cfg.selmix.include_bias is True
-    assert cfg.objective.params == {"omega": 20}
+    assert cfg.objective.params == {"h_mean": {"omega": 20}} and cfg.objective.active() == {"omega": 20}
 
 
 @pytest.mark.parametrize("override, fragment", [
@@ -86,7 +87,7 @@ def test_every_shipped_experiment_config_loads():
     for path in paths:
         cfg = load_config(path)
         assert cfg.objective.name in OBJECTIVES
-        build_objective(cfg.objective.name, 10, **cfg.objective.params)  # parameters are valid for it
+        build_objective(cfg.objective.name, 10, **cfg.objective.active())  # parameters are valid for it
 
 
 @pytest.mark.parametrize("override, key", [
@@ -116,3 +117,20 @@ def test_cross_key_rules_fail_before_any_work(overrides, key):
 def test_relative_temperature_alias_maps_onto_the_rule():
     assert load_config(None, ["selmix.relative_temperature=true"]).selmix.temperature_rule == "relative"
     assert load_config(None, ["selmix.relative_temperature=false"]).selmix.temperature_rule == "absolute"
+
+
+def test_switching_objective_on_the_command_line_needs_no_clearing(tmp_path):
+    from selmix_dist.core import build_objective
+
+    configs = Path(__file__).resolve().parents[2] / "configs" / "cifar10_lt"
+    base = load_config(configs / "min_recall.yaml")
+    assert base.objective.active() == {"beta": 0.0, "omega": 50.0}
+    cfg = load_config(configs / "min_recall.yaml", ["objective.name=h_mean"])
+    assert cfg.objective.active() == {}
+    build_objective("h_mean", 10, **cfg.objective.active())  # the min-recall ω does not leak into H-mean
+    grouped = tmp_path / "g.yaml"
+    grouped.write_text("objective:\n  name: min_recall\n  params:\n    min_recall: {omega: 7}\n"
+                       "    mean_recall_min_coverage: {alpha: 0.9}\n")
+    assert load_config(grouped).objective.active() == {"omega": 7}
+    cfg = load_config(grouped, ["objective.name=mean_recall_min_coverage", "objective.params.tau=0.5"])
+    assert cfg.objective.active() == {"alpha": 0.9, "tau": 0.5}
