@@ -54,7 +54,8 @@ def torch_save(obj: Any, path: str | Path) -> None:
         torch.save(obj, tmp)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -76,7 +77,7 @@ def sweep_stale_temporaries(directory: str | Path) -> list[Path]:
         return removed
     for p in directory.iterdir():
         m = _TMP.match(p.name)
-        if m and p.is_file() and not _alive(int(m.group("pid"))):
+        if m and p.is_file() and not pid_alive(int(m.group("pid"))):
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed

@@ -19,6 +19,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def check_data(cfg, data) -> None:
+    """Boundary checks of the data against the config, before any work."""
+    data.validate(cfg.data.num_classes)
+    if cfg.selmix.setting == "semi" and (data.partners is None or len(data.partners) == 0):
+        raise ValueError(f"selmix.setting=semi draws partners from the unlabeled split '{cfg.data.unlabeled_split}', "
+                         "which is missing or empty")
+
+
 def start_head(trainer: Trainer, given: torch.nn.Linear | None) -> torch.nn.Linear:
     """The head the run starts from: a checkpoint's shape (its weights load later), `given`, or model.init_head.
 

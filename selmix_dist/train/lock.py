@@ -20,22 +20,14 @@ import threading
 import time
 from pathlib import Path
 
+from selmix_dist.atomic import pid_alive
+
 log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 30.0
 
 
 class RunLockedError(RuntimeError):
     """Another live process holds the run directory."""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RunLock:
@@ -58,7 +50,7 @@ class RunLock:
         """Why the recorded holder is dead, or None if it may be alive."""
         host, pid = holder.get("host"), int(holder.get("pid", -1))
         if host == socket.gethostname():
-            return None if _pid_alive(pid) else f"process {pid} on {host} no longer exists"
+            return None if pid_alive(pid) else f"process {pid} on {host} no longer exists"
         age = time.time() - self.path.stat().st_mtime
         if age > self.stale_after:
             return f"its heartbeat is {age:.0f} s old (> run.lock_stale_seconds={self.stale_after:g})"

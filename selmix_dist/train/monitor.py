@@ -95,9 +95,10 @@ class Monitor:
         self.enabled = enabled
         self.writer = None
         self.bar = None
-        self.history_path = run_dir / "history.jsonl"
+        self.run_dir, self.history_path = run_dir, run_dir / "history.jsonl"
         self.class_tags = [f"{k:03d}_{_tag(n)}" for k, n in enumerate(class_names)] if class_names else None
         self._narrow, self._warned_narrow = 0, False
+        self._snapshot: dict | None = None
         if not enabled:
             return
         _truncate_history(self.history_path, start_step)
@@ -178,6 +179,12 @@ class Monitor:
             labels = record.partner_labels
             counts = torch.bincount(labels[labels >= 0].to(torch.int64), minlength=objective.num_classes)
             self.per_class("pseudo_labels/count", counts.to(torch.float64), step)
+        # P and G for the report, at the first and the latest refresh; the latest is written at close, not at
+        # every refresh (two K×K tensors: 530 MB at K = 8142)
+        self._snapshot = {"step": step, "P": r.distribution.to(torch.float32).cpu(),
+                          "G": r.gain.to(torch.float32).cpu()}
+        if not (self.run_dir / "distribution_first.pt").exists():
+            self.run_dir.torch_save(self._snapshot, self.run_dir / "distribution_first.pt")
         if (step // cfg.run.refresh_every) % cfg.log.image_every == 0:
             self.image("selmix/P", r.distribution, step, class_order)
             self.image("selmix/G", r.gain, step, class_order)
@@ -216,6 +223,8 @@ class Monitor:
             self.bar.update(0)
 
     def close(self) -> None:
+        if self._snapshot is not None:
+            self.run_dir.torch_save(self._snapshot, self.run_dir / "distribution_last.pt")
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from selmix_dist.train.checkpointer import Checkpointer, check_identity, load_checkpoint
-from selmix_dist.train.config import Config, resume_changes
+from selmix_dist.train.checkpointer import FORMAT_VERSION, Checkpointer, check_identity, load_checkpoint
+from selmix_dist.train.config import Config, flatten, resume_changes
 from selmix_dist.train.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -57,6 +57,21 @@ class ResumePlan:
         if not self.complete:
             log.info("resumed from %s at step %d", self.path, trainer.step)
             trainer.run_dir.append_config_changes(trainer.step, self.changes)
+
+
+def capture(trainer: Trainer, complete: bool = False) -> dict[str, Any]:
+    """Everything that decides the future of the run, as plain tensors and values (the checkpoint body)."""
+    uses_deepspeed = trainer.acc.distributed_type.name == "DEEPSPEED"
+    return {
+        "format_version": FORMAT_VERSION, "step": trainer.step, "complete": complete,
+        "identity": trainer.identity(), "config": flatten(trainer.cfg), "world_size": trainer.world,
+        "head": trainer.head_state(),
+        # DeepSpeed shards optimizer state across ranks; SGD without momentum has none to lose.
+        "optimizer": {} if uses_deepspeed else trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(), "objective": trainer.objective.state_dict(),
+        "convergence": trainer.convergence.state_dict(), "refresh": trainer.refresher.state_dict(),
+        "progress": {"best": trainer.best}, "seed": trainer.cfg.run.seed,
+    }
 
 
 def plan_resume(cfg: Config, run_dir: RunDir, checkpointer: Checkpointer, identity: dict[str, Any]) -> ResumePlan:

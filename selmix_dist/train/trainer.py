@@ -24,14 +24,15 @@ from selmix_dist import distributed as dist
 from selmix_dist.core import GainConvergence, build_objective, head_tail_masks
 from selmix_dist.core.rng import generator
 from selmix_dist.features.sets import FeatureSet, TrainData
-from selmix_dist.train.build import build_head_and_optimizer, write_run_files
+from selmix_dist.heads.start import read_head
+from selmix_dist.train.build import build_head_and_optimizer, check_data, write_run_files
 from selmix_dist.train.checkpointer import Checkpointer, NonFiniteStateError
 from selmix_dist.train.config import Config, flatten
 from selmix_dist.train.evaluator import Evaluator, Interrupted
 from selmix_dist.train.monitor import Monitor
 from selmix_dist.train.preemption import Preemption
 from selmix_dist.train.refresher import Refresher, RefreshRecord
-from selmix_dist.train.resume import ResumePlan, plan_resume
+from selmix_dist.train.resume import ResumePlan, capture, plan_resume
 from selmix_dist.train.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -47,10 +48,7 @@ class Trainer:
     def __init__(self, cfg: Config, data: TrainData, accelerator=None, init_head: torch.nn.Linear | None = None,
                  hooks: Sequence[Callable[[Trainer], None]] = (), preemption: Preemption | None = None):
         self.cfg, self.data, self.hooks = cfg, data, list(hooks)
-        data.validate(cfg.data.num_classes)
-        if cfg.selmix.setting == "semi" and (data.partners is None or len(data.partners) == 0):
-            raise ValueError(f"selmix.setting=semi draws partners from the unlabeled split "
-                             f"'{cfg.data.unlabeled_split}', which is missing or empty")
+        check_data(cfg, data)
         self.acc = accelerator or dist.make_accelerator()
         self.rank, self.world = dist.world_info()
         self.k = data.num_classes
@@ -72,7 +70,7 @@ class Trainer:
         self.step, self.best = 0, {"metric": -math.inf, "step": -1}
         # First step with a non-finite loss, kept on the device and checked at polls (no per-step sync).
         self._bad_loss_step = torch.tensor(-1, device=self.acc.device)
-        self.plan: ResumePlan = plan_resume(cfg, self.run_dir, self.checkpointer, self._identity())
+        self.plan: ResumePlan = plan_resume(cfg, self.run_dir, self.checkpointer, self.identity())
         if not self.plan.complete:
             self.run_dir.open(fresh=self.plan.state is None)
         elif not self.run_dir.is_complete():  # finished, but killed before the manifest said so
@@ -85,7 +83,7 @@ class Trainer:
         dist.set_deepspeed_micro_batch(self.acc, cfg.optim.batch_size)
         self.head, self.optimizer = self.acc.prepare(head, optimizer)
 
-    def _identity(self) -> dict[str, Any]:
+    def identity(self) -> dict[str, Any]:
         return {"num_classes": self.k, "num_features": self.data.labeled.num_features}
 
     def plain_head(self) -> torch.nn.Linear:
@@ -192,25 +190,18 @@ class Trainer:
         monitor.evaluation(self.step, "val", metrics, recall)
         monitor.refresh(record, self.objective, self.class_order, self.cfg)
         converged = self.convergence.update(record.result.max_gain)
-        p, gain = record.result.distribution, record.result.gain
-        snapshot = {"step": self.step, "P": p.to(torch.float32).cpu(), "G": gain.to(torch.float32).cpu()}
-        self.run_dir.torch_save(snapshot, self.run_dir / "distribution_last.pt")
-        if not (self.run_dir / "distribution_first.pt").exists():
-            self.run_dir.torch_save(snapshot, self.run_dir / "distribution_first.pt")
         target = metrics[self.objective.target_metric]
         if target > self.best["metric"]:
             self.best = {"metric": target, "step": self.step}
-            self.run_dir.torch_save({"step": self.step, "metric": target, "head": self._head_state(),
+            self.run_dir.torch_save({"step": self.step, "metric": target, "head": self.head_state(),
                                      "class_names": self.data.class_names, "config": flatten(self.cfg)},
                                     self.run_dir.checkpoints / "best.pt")
         if self.cfg.run.early_stop and not self.cfg.selmix.uniform:
             return bool(dist.broadcast_object(converged))
         return False
 
-    def _log_eval(self, monitor: Monitor, fs: FeatureSet, split: str) -> dict[str, float]:
-        metrics, recall = self.evaluator.evaluate(self.plain_head(), fs)
-        monitor.evaluation(self.step, split, metrics, recall)
-        return metrics
+    def _log_eval(self, monitor: Monitor, fs: FeatureSet, split: str) -> None:
+        monitor.evaluation(self.step, split, *self.evaluator.evaluate(self.plain_head(), fs))
 
     def _finish(self, monitor: Monitor) -> None:
         self._check_finite_loss()
@@ -219,36 +210,19 @@ class Trainer:
         if self.data.test is not None:
             self._log_eval(monitor, self.data.test, "test")
             if self.best["step"] not in (-1, self.step):  # the best head on test too (chosen on validation)
-                best = self.run_dir.checkpoints / "best.pt"
-                head = torch.nn.Linear(self.data.labeled.num_features, self.k).to(self.acc.device)
-                head.load_state_dict(torch.load(best, map_location=self.acc.device, weights_only=True)["head"])
-                metrics, recall = self.evaluator.evaluate(head, self.data.test)
+                head = read_head(self.run_dir.checkpoints / "best.pt", self.data.labeled.num_features, self.k)
+                metrics, recall = self.evaluator.evaluate(head.to(self.acc.device), self.data.test)
                 monitor.evaluation(self.step, "test_best", metrics, recall, head_step=self.best["step"])
         self.save_checkpoint(complete=True)
         self.run_dir.mark("complete", final_step=self.step, best=self.best)
         monitor.summary(self.step, self.best, self.objective.target_metric, self.run_dir)
 
     # ----------------------------------------------------------------- state
-    def _head_state(self) -> dict[str, torch.Tensor]:
+    def head_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.plain_head().state_dict().items()}
 
-    def state_dict(self, complete: bool = False) -> dict[str, Any]:
-        from selmix_dist.train.checkpointer import FORMAT_VERSION
-
-        uses_deepspeed = self.acc.distributed_type.name == "DEEPSPEED"
-        return {
-            "format_version": FORMAT_VERSION, "step": self.step, "complete": complete,
-            "identity": self._identity(), "config": flatten(self.cfg), "world_size": self.world,
-            "head": self._head_state(),
-            # DeepSpeed shards optimizer state across ranks; SGD without momentum has none to lose.
-            "optimizer": {} if uses_deepspeed else self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "objective": self.objective.state_dict(),
-            "convergence": self.convergence.state_dict(), "refresh": self.refresher.state_dict(),
-            "progress": {"best": self.best}, "seed": self.cfg.run.seed,
-        }
-
     def save_checkpoint(self, complete: bool = False) -> None:
-        path = self.checkpointer.save(self.state_dict(complete))
+        path = self.checkpointer.save(capture(self, complete))
         log.info("checkpoint: step %d → %s", self.step, path)
         dist.barrier()
 

@@ -89,9 +89,11 @@ def test_lock_refuses_a_second_run_and_names_the_holder(tmp_path):
                              "log.progress=false"], env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120
-        while not (tmp_path / ".lock").exists() and time.time() < deadline:
-            time.sleep(0.2)
+        deadline = time.time() + 180
+        history_file = tmp_path / "history.jsonl"
+        while time.time() < deadline and '"split": "val"' not in (history_file.read_text()
+                                                                   if history_file.exists() else ""):
+            time.sleep(0.2)  # the first run holds the lock and has logged its first evaluation
         start = time.time()
         second = run_script(tmp_path, "run.steps=100000")
         assert second.returncode != 0 and f"PID {proc.pid} on host {socket.gethostname()}" in second.stderr
