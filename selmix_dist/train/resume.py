@@ -85,12 +85,12 @@ def plan_resume(cfg: Config, run_dir: RunDir, checkpointer: Checkpointer, identi
     if mode == "auto":
         found = checkpointer.latest()
         if found is None:
-            if run_dir.is_complete() and not cfg.run.overwrite:
-                raise ValueError(f"run {run_dir.root} is complete but its step checkpoints are gone: nothing to "
-                                 "resume; set run.overwrite=true to run it again from scratch")
             if checkpointer.any_present() and not cfg.run.overwrite:
                 raise ValueError(f"{checkpointer.dir} holds checkpoints but none is usable (see the warnings); "
                                  "move them away or set run.overwrite=true to start over")
+            if run_dir.is_complete() and not cfg.run.overwrite:
+                raise ValueError(f"run {run_dir.root} is complete but its step checkpoints are gone: nothing to "
+                                 "resume; set run.overwrite=true to run it again from scratch")
             return ResumePlan()
         path, state = found
     else:
