@@ -110,7 +110,11 @@ class ObjectiveConfig:
                        "the objective named in the same place.", default_factory=dict)
 
     def active(self) -> dict[str, Any]:
-        """The parameters of the selected objective."""
+        """The parameters of the selected objective (a flat mapping set in code is taken as they are)."""
+        from selmix_dist.core import OBJECTIVES
+
+        if self.params and not all(k in OBJECTIVES for k in self.params):
+            return dict(self.params)
         return dict(self.params.get(self.name, {}))
 
 
