@@ -16,14 +16,13 @@ import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from selmix_dist.features.sets import TrainData
+from selmix_dist.features.sets import FeatureSet, TrainData
 from selmix_dist.train.config import doc
 
 # Trainer keys the runner sets itself (run directory, seed, a fresh run each time) or that come from the
@@ -101,13 +100,36 @@ class TrainerSession:
             self._last = None
 
 
+def all_rows(fs: FeatureSet) -> torch.Tensor:
+    """Every row of a feature set as float32[N, d]."""
+    return fs.take(torch.arange(len(fs)))
+
+
+@dataclass(frozen=True)
+class SplitRows:
+    """One split's tensors, built once per (seed, ρ_u): labeled ``x`` float32[N, d] with ``y`` int64[N],
+    unlabeled ``xu`` float32[U, d], validation ``xv`` float32[V, d] with ``yv`` int64[V]."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    xu: torch.Tensor
+    xv: torch.Tensor
+    yv: torch.Tensor
+
+    @classmethod
+    def of(cls, data: TrainData) -> SplitRows:
+        return cls(all_rows(data.labeled), data.labeled.labels, all_rows(data.partners), all_rows(data.val),
+                   data.val.labels)
+
+
 @dataclass
 class MethodContext:
     """What a method sees for one (ρ_u, seed): ``data`` (labeled, validation, unlabeled partners with labels
-    hidden; no test split), the head mask bool[K] of the evaluation, the start heads it may copy, the
-    experiment's trainer keys, its run directory, and ``info`` for notes stored with its result."""
+    hidden; no test split) and its ``rows``, the head mask bool[K] of the evaluation, the start heads it may
+    copy, the experiment's trainer keys, its run directory, and ``info`` for notes stored with its result."""
 
     data: TrainData
+    rows: SplitRows
     seed: int
     head_mask: torch.Tensor
     experiment_trainer: dict
@@ -119,29 +141,6 @@ class MethodContext:
     @property
     def k(self) -> int:
         return self.data.num_classes
-
-    @cached_property
-    def x(self) -> torch.Tensor:
-        """Labeled features float32[N, d] (labels: ``y``)."""
-        return self.data.labeled.take(torch.arange(len(self.data.labeled)))
-
-    @property
-    def y(self) -> torch.Tensor:
-        return self.data.labeled.labels
-
-    @cached_property
-    def xu(self) -> torch.Tensor:
-        """Unlabeled features float32[U, d]."""
-        return self.data.partners.take(torch.arange(len(self.data.partners)))
-
-    @cached_property
-    def xv(self) -> torch.Tensor:
-        """Validation features float32[V, d] (labels: ``yv``)."""
-        return self.data.val.take(torch.arange(len(self.data.val)))
-
-    @property
-    def yv(self) -> torch.Tensor:
-        return self.data.val.labels
 
     def start(self, settings: Any) -> nn.Linear:
         """A copy of the head named by ``settings.start``."""
@@ -299,7 +298,7 @@ def fit_linear_head(ctx: MethodContext, s: FitHeadSettings) -> nn.Linear:
     """A CE or logit-adjusted CE head on the labeled features, fitted by L-BFGS."""
     from selmix_dist.heads import fit_head
 
-    return fit_head(ctx.x, ctx.y, ctx.k, loss=s.loss, tau=s.tau, weight_decay=s.weight_decay,
+    return fit_head(ctx.rows.x, ctx.rows.y, ctx.k, loss=s.loss, tau=s.tau, weight_decay=s.weight_decay,
                     max_iter=s.max_iter, seed=ctx.seed, dtype=torch.float32)
 
 
@@ -308,7 +307,7 @@ def posthoc_logit_adjustment(ctx: MethodContext, s: PosthocSettings) -> nn.Linea
     """The start head with bias b − τ log π (Menon et al. 2021)."""
     from selmix_dist.heads import posthoc_adjust
 
-    return posthoc_adjust(ctx.start(s), torch.bincount(ctx.y, minlength=ctx.k).to(torch.float64), tau=s.tau)
+    return posthoc_adjust(ctx.start(s), torch.bincount(ctx.rows.y, minlength=ctx.k).to(torch.float64), tau=s.tau)
 
 
 @method_kind("self_train", SelfTrainSettings, uses_unlabeled=True)
@@ -316,7 +315,7 @@ def fixmatch_la_analogue(ctx: MethodContext, s: SelfTrainSettings) -> nn.Linear:
     """FixMatch-style self-training of the start head on the unlabeled features, LA loss on labeled data."""
     from selmix_dist.heads import self_train_head
 
-    return self_train_head(ctx.start(s), ctx.x, ctx.y, ctx.xu, steps=s.steps, lr=s.lr,
+    return self_train_head(ctx.start(s), ctx.rows.x, ctx.rows.y, ctx.rows.xu, steps=s.steps, lr=s.lr,
                            weight_decay=s.weight_decay, seed=ctx.seed)
 
 
@@ -341,9 +340,10 @@ def csst_style(ctx: MethodContext, s: CsstSettings) -> nn.Linear:
     from selmix_dist.heads import cost_sensitive_finetune
 
     objective = build_objective(s.objective, ctx.k, head=ctx.head_mask, **s.params)
-    return cost_sensitive_finetune(ctx.start(s), ctx.x, ctx.y, ctx.xv, ctx.yv, objective, steps=s.steps,
-                                   lr=s.lr, weight_decay=s.weight_decay, refresh_every=s.refresh_every,
-                                   seed=ctx.seed, unlabeled_features=ctx.xu).head
+    r = ctx.rows
+    return cost_sensitive_finetune(ctx.start(s), r.x, r.y, r.xv, r.yv, objective, steps=s.steps, lr=s.lr,
+                                   weight_decay=s.weight_decay, refresh_every=s.refresh_every, seed=ctx.seed,
+                                   unlabeled_features=r.xu).head
 
 
 @method_kind("crt", CrtSettings, uses_unlabeled=False)
@@ -351,7 +351,7 @@ def classifier_retraining(ctx: MethodContext, s: CrtSettings) -> nn.Linear:
     """cRT (Kang et al. 2020): a new head trained on class-balanced batches of the labeled features."""
     from selmix_dist.heads.decoupling import classifier_retrain
 
-    return classifier_retrain(ctx.x, ctx.y, ctx.k, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
+    return classifier_retrain(ctx.rows.x, ctx.rows.y, ctx.k, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
                               weight_decay=s.weight_decay, seed=ctx.seed)
 
 
@@ -361,7 +361,7 @@ def tau_normalised(ctx: MethodContext, s: TauNormSettings) -> nn.Linear:
     from selmix_dist.heads.decoupling import select_tau, tau_normalize
 
     start = ctx.start(s)
-    tau, scores = select_tau(start, ctx.xv, ctx.yv, s.taus, metric=s.metric)
+    tau, scores = select_tau(start, ctx.rows.xv, ctx.rows.yv, s.taus, metric=s.metric)
     ctx.info.update(tau=tau, val_scores=dict(zip(map(str, s.taus), scores, strict=True)))
     return tau_normalize(start, tau)
 
@@ -371,7 +371,7 @@ def learnable_weight_scaling(ctx: MethodContext, s: LwsSettings) -> nn.Linear:
     """LWS (Kang et al. 2020): the start head's rows rescaled by scales learnt on class-balanced batches."""
     from selmix_dist.heads.decoupling import learn_weight_scaling
 
-    return learn_weight_scaling(ctx.start(s), ctx.x, ctx.y, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
+    return learn_weight_scaling(ctx.start(s), ctx.rows.x, ctx.rows.y, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
                                 seed=ctx.seed)
 
 

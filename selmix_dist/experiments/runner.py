@@ -19,6 +19,7 @@ import io
 import json
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,19 @@ from torch import nn
 from selmix_dist import atomic
 from selmix_dist.core import head_tail_masks
 from selmix_dist.experiments.data import Subset, load_experiment_features, lt_train_data
-from selmix_dist.experiments.methods import KINDS, MethodContext, TrainerSession, method_meta, trainer_overrides
+from selmix_dist.experiments.methods import (
+    KINDS,
+    MethodContext,
+    SplitRows,
+    TrainerSession,
+    all_rows,
+    method_meta,
+    trainer_overrides,
+)
 from selmix_dist.experiments.spec import ExperimentSpec, spec_dict
 from selmix_dist.experiments.store import ResultStore, digest
 from selmix_dist.experiments.tables import METRICS, results_markdown
+from selmix_dist.features.sets import FeatureSet, TrainData
 from selmix_dist.train.config import _closest, load_config
 
 
@@ -85,6 +95,25 @@ def result_keys(spec: ExperimentSpec, subset: Subset, seed: int, rho_u: float, n
     return keys
 
 
+@dataclass
+class SplitRun:
+    """One (seed, ρ_u): the split and its tensors, the test set, the evaluation's head mask bool[K], every
+    method's result key and the heads computed so far."""
+
+    seed: int
+    rho_u: float
+    data: TrainData
+    rows: SplitRows
+    test: FeatureSet
+    head_mask: torch.Tensor
+    keys: dict[str, str]
+    heads: dict[str, nn.Linear]
+
+    def where(self, spec: ExperimentSpec, name: str) -> float | None:
+        """The ρ_u a method's result is stored under: None when its head does not depend on ρ_u."""
+        return self.rho_u if uses_unlabeled(spec, name) else None
+
+
 def _clock(seconds: float) -> str:
     s = int(round(seconds))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -121,11 +150,10 @@ class Progress:
                  f"{_clock(time.perf_counter() - self.t0)}, ETA {self.eta()}")
 
 
-def evaluate(head: nn.Linear, data: Any, head_mask: torch.Tensor) -> dict[str, float]:
+def evaluate(head: nn.Linear, fs: FeatureSet, head_mask: torch.Tensor) -> dict[str, float]:
     from selmix_dist.heads import evaluate_head
 
-    x = data.take(torch.arange(len(data)))
-    return evaluate_head(head, x, data.labels, len(head_mask), head_mask=head_mask)
+    return evaluate_head(head, all_rows(fs), fs.labels, len(head_mask), head_mask=head_mask)
 
 
 def run_experiment(spec: ExperimentSpec, *, out: Path, cache: Path, data_dir: Path,
@@ -165,25 +193,19 @@ def run_experiment(spec: ExperimentSpec, *, out: Path, cache: Path, data_dir: Pa
         for seed in seeds:
             for rho_u in rho_us:
                 data, _ = lt_train_data(features, spec.split, rho_u, seed)
-                head_mask, _ = head_tail_masks(data.train_class_counts(), head_fraction=head_fraction)
-                test = features.test_split()
-                heads: dict[str, nn.Linear] = {}
+                unit = SplitRun(seed, rho_u, data, SplitRows.of(data), features.test_split(),
+                                head_tail_masks(data.train_class_counts(), head_fraction=head_fraction)[0],
+                                keys[(seed, rho_u)], {})
                 for name in plan:
-                    key = keys[(seed, rho_u)][name]
-                    where = rho_u if uses_unlabeled(spec, name) else None
-                    record = None if (seed, where, name) in pending and (seed, where, name) not in done \
-                        else store.get(name, seed, where, key)
-                    text = f"seed={seed} ρ_u={rho_u:g} {name:<34s}"
+                    where = unit.where(spec, name)
+                    todo = (seed, where, name) in pending and (seed, where, name) not in done
+                    record = None if todo else store.get(name, seed, where, unit.keys[name])
                     if record is None:
-                        record, heads[name] = _compute(spec, name, key, seed, where, data, test, head_mask,
-                                                       heads, store, keys[(seed, rho_u)], session,
-                                                       out / "runs" / f"seed{seed}" / f"rho_u{rho_u:g}" / name)
+                        record = _compute(spec, name, unit, store, session, out / "runs")
                         done.add((seed, where, name))
                         computed_s += record["seconds"]
                         computed += 1
-                        progress.step(name, record["seconds"], True, text)
-                    else:
-                        progress.step(name, record["seconds"], False, text)
+                    progress.step(name, record["seconds"], todo, f"seed={seed} ρ_u={rho_u:g} {name:<34s}")
                     progress.observe(name, record["seconds"])
                     if name in wanted:
                         records.append({**record, "rho_u": rho_u})
@@ -214,26 +236,28 @@ def _pending(spec: ExperimentSpec, store: ResultStore, keys: dict, plan: Sequenc
     return pending
 
 
-def _compute(spec: ExperimentSpec, name: str, key: str, seed: int, rho_u: float | None, data: Any, test: Any,
-             head_mask: torch.Tensor, heads: dict[str, nn.Linear], store: ResultStore, keys: dict[str, str],
-             session: TrainerSession, run_dir: Path) -> tuple[dict, nn.Linear]:
-    """Run one method, evaluate it on validation and test, store head and record; return both."""
+def _compute(spec: ExperimentSpec, name: str, unit: SplitRun, store: ResultStore, session: TrainerSession,
+             runs: Path) -> dict:
+    """Run one method, evaluate it on validation and test, store its head and record; return the record."""
     m = spec.methods[name]
     start = getattr(m.settings, "start", "")
     starts = {}
     if start:
-        where = rho_u if uses_unlabeled(spec, start) else None
-        starts[start] = heads[start] if start in heads else store.head(start, seed, where, keys[start])
-    ctx = MethodContext(data=data, seed=seed, head_mask=head_mask, experiment_trainer=spec.trainer,
-                        run_dir=run_dir, starts=starts, session=session)
+        starts[start] = unit.heads[start] if start in unit.heads else \
+            store.head(start, unit.seed, unit.where(spec, start), unit.keys[start])
+    ctx = MethodContext(data=unit.data, rows=unit.rows, seed=unit.seed, head_mask=unit.head_mask,
+                        experiment_trainer=spec.trainer, starts=starts, session=session,
+                        run_dir=runs / f"seed{unit.seed}" / f"rho_u{unit.rho_u:g}" / name)
     t0 = time.perf_counter()
     head = KINDS[m.kind].run(ctx, m.settings)
     seconds = time.perf_counter() - t0
-    record = {"method": name, "kind": m.kind, "seed": seed, "rho_u": rho_u, "digest": key, "seconds": seconds,
+    where, key = unit.where(spec, name), unit.keys[name]
+    record = {"method": name, "kind": m.kind, "seed": unit.seed, "rho_u": where, "digest": key, "seconds": seconds,
               "settings": KINDS[m.kind].resolve(m.settings, spec.trainer), "info": ctx.info,
-              "val": evaluate(head, data.val, head_mask), "test": evaluate(head, test, head_mask)}
-    store.put(name, seed, rho_u, key, record, head)
-    return record, head
+              "val": evaluate(head, unit.data.val, unit.head_mask), "test": evaluate(head, unit.test, unit.head_mask)}
+    store.put(name, unit.seed, where, key, record, head)
+    unit.heads[name] = head
+    return record
 
 
 def write_results(result: dict[str, Any], out: Path) -> None:

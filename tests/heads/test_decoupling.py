@@ -22,20 +22,9 @@ from selmix_dist.heads.decoupling import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def linear(weight, bias) -> nn.Linear:
-    w = torch.as_tensor(weight, dtype=torch.float32)
-    head = nn.Linear(w.shape[1], w.shape[0])
-    with torch.no_grad():
-        head.weight.copy_(w)
-        head.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
+    head = nn.Linear(len(weight[0]), len(weight))
+    head.load_state_dict({"weight": torch.tensor(weight), "bias": torch.tensor(bias)})
     return head
 
 
