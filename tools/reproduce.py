@@ -57,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.describe:
         print(describe())
         return 0
-    spec = load_spec(a.experiment, a.set)
+    try:
+        spec = load_spec(a.experiment, a.set)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out = Path(a.out) if a.out else REPO / "runs" / "experiments" / spec.name
     subset = Subset(*(a.subset or (None, None)), classes=a.subset_classes)
     result = run_experiment(spec, out=out, cache=Path(a.cache), data_dir=Path(a.data_dir), seeds=a.seeds,

@@ -5,10 +5,14 @@ method kind is added by the decorator alone; stored metrics agree with sklearn o
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from sklearn.metrics import recall_score
 
 from selmix_dist.experiments.methods import KINDS, PosthocSettings, method_kind
@@ -17,7 +21,8 @@ from selmix_dist.experiments.spec import parse_spec
 from selmix_dist.experiments.store import ResultStore
 from selmix_dist.features.cache import load_features
 
-CALLS: list[tuple[int, str]] = []
+REPO = Path(__file__).resolve().parents[2]
+CALLS: list[tuple[int, int]] = []
 
 
 @pytest.fixture
@@ -116,3 +121,18 @@ def test_keys_depend_on_what_a_result_depends_on(toy_raw):
 def test_a_kind_cannot_be_registered_twice():
     with pytest.raises(ValueError, match="registered twice"):
         method_kind("crt", PosthocSettings, uses_unlabeled=False)(lambda ctx, s: None)
+
+
+def test_tool_runs_an_experiment_file_and_prints_its_tables(toy_raw, toy_data_dir, tmp_path):
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump(toy_raw, allow_unicode=True))
+    cmd = [sys.executable, str(REPO / "tools" / "reproduce.py"), "--experiment", str(path), "--seeds", "1",
+           "--rho-u", "2", "--methods", "erm", "st", "--set", "methods.st.steps=3", "--out", str(tmp_path / "out"),
+           "--cache", str(tmp_path / "cache"), "--data-dir", str(toy_data_dir)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[2/2] seed=1 ρ_u=2 st" in proc.stdout and "| self-training |" in proc.stdout
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert result["experiment"]["methods"]["st"]["steps"] == 3 and len(result["records"]) == 2
+    bad = subprocess.run([*cmd[:4], "--set", "split.n2=1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "error: " in bad.stderr and "unknown key 'split.n2' (did you mean 'split.n1'?)" in bad.stderr
