@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from selmix_dist.reproduce import unpack_once
+from selmix_dist.data.archives import unpack_once
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -37,7 +37,7 @@ def cifar10_root() -> Path:
     archive = cifar10_tar()
     if not archive.is_file():
         pytest.skip(f"CIFAR-10 archive not found at {archive} (set SELMIX_CIFAR10_TAR)")
-    return unpack_once(archive, cache_dir())
+    return unpack_once(archive, cache_dir()) / "cifar10"
 
 
 def _real_cifar10_sample(root: Path, per_class: int) -> bool:
