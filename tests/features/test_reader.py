@@ -28,11 +28,11 @@ def _labels(n: int = N) -> torch.Tensor:
     return torch.arange(n) % 7
 
 
-def _write(tmp_path, dtype="float16", split="train", table=None, labels=None):
+def _write(tmp_path, dtype="float16", split="train", table=None, labels=None, chunk_size=CHUNK):
     table = _table() if table is None else table
     labels = _labels(len(table)) if labels is None else labels
     write_feature_cache(tmp_path, split, labels, lambda pos: table[pos], table.shape[1], dtype=dtype,
-                        chunk_size=CHUNK)
+                        chunk_size=chunk_size)
     return table
 
 
@@ -106,9 +106,9 @@ def _memory_kib() -> dict[str, int]:
 
 
 def test_reader_maps_the_files_instead_of_copying_them(tmp_path):
-    n, d = 12288, 1024  # 24 MiB of float16; a private float32 copy would be 48 MiB
+    n, d = 32768, 1024  # 64 MiB of float16; a private float32 copy would be 128 MiB
     table = torch.randn(n, d, generator=torch.Generator().manual_seed(0))
-    _write(tmp_path, table=table)
+    _write(tmp_path, table=table, chunk_size=2048)
     del table
     before = _memory_kib()
     reader = open_features(tmp_path, "train")  # reads every byte (checksum, inf/NaN scan)
@@ -121,11 +121,12 @@ def test_reader_maps_the_files_instead_of_copying_them(tmp_path):
     touched = _memory_kib()
     reference = sum(load_file(str(f))["features"].double().sum(0) for f in _chunk_files(tmp_path))
     torch.testing.assert_close(total, reference)
-    # The scan's pages were unmapped (page cache only); the private memory never held the split.
+    # The scan's pages were unmapped (page cache only); the private memory never held the split (the margin
+    # is the allocator's: freed batches are not always returned to the system at once).
     assert opened["RssFile"] - before["RssFile"] < 8 * 1024, (before, opened)
-    assert touched["RssAnon"] - before["RssAnon"] < 8 * 1024, (before, touched)
+    assert touched["RssAnon"] - before["RssAnon"] < 32 * 1024, (before, touched)
     # Reading maps the file pages it touched (shared with every process mapping the same files).
-    assert touched["RssFile"] - opened["RssFile"] > 20 * 1024, (opened, touched)
+    assert touched["RssFile"] - opened["RssFile"] > 56 * 1024, (opened, touched)
 
 
 @pytest.mark.parametrize("backing", ["cache", "tensor"])
