@@ -1,15 +1,26 @@
-"""Trainer cost at ImageNet-LT scale on synthetic features, with 1 and with 2 processes.
+"""Trainer cost at scale on a synthetic feature cache: step, refresh and memory per rank, for N processes.
 
-    python tools/bench_train.py                      # K=1000, d=1280, 115 846 / 300 000 / 20 000; 1 and 2 procs
-    python tools/bench_train.py --procs 1 --json     # one JSON object per row
-    python tools/bench_train.py --classes 100 --labeled 20000 --unlabeled 50000 --val 5000   # smaller
+    python tools/bench_train.py                          # ImageNet-LT size: K=1000, d=1280, 115 846 labeled,
+                                                         # 300 000 unlabeled, 20 000 val; 1 and 2 processes
+    python tools/bench_train.py --loader memory          # the in-memory loading: a float32 copy per rank
+    python tools/bench_train.py --procs 2 --dim 2048 --unlabeled 1280000 --cache /scratch/bigpool
+    python tools/bench_train.py --classes 8142 --labeled 437513 --unlabeled 0 --val 24426 --dim 2048 --procs 1
+    python tools/bench_train.py --json                   # one JSON object per row
 
-Prints, per world size: the time of one training step (batch `--batch-size` per rank), the mean of
-`--refreshes` consecutive refreshes split into evaluation (validation pass + pseudo-labelling of the rank's
-unlabeled shard, every `--pseudo-label-every` refreshes), all-reduce/gather,
-gain (multipliers, G, P), broadcast and sampler rebuild, the refresh in units of training steps (goal: < 10),
-and peak resident memory per rank. The 2-process rows are measured by re-launching this script under
-`accelerate launch` (gloo on CPU; NCCL on GPUs).
+The splits are written once into a feature cache (`--cache`, reused when it is complete and has the same
+key; default a temporary directory) by the library's own writer, from seeded Gaussian classes: labeled with
+an ImageNet-LT-like long-tailed profile (1280 → 5 per class, scaled to `--labeled`), unlabeled and
+validation balanced (unlabeled stored with label −1). Every world size then runs in fresh processes (one:
+a plain subprocess; more: `accelerate launch`, gloo on CPU with ACCELERATE_USE_CPU=1, NCCL on GPUs) that
+open the cache (`--loader mmap`: memory-mapped reader; `memory`: `load_features`, a private float32 copy),
+run one warm-up refresh, `--refreshes` timed ones (consecutive, so `--pseudo-label-every` amortises as in a
+run), 3 warm-up and `--steps` timed training steps.
+
+Columns: open (opening the splits, with checksum and inf/NaN scan), step, refresh and its parts (the keys of
+the trainer's refresh timings), refresh in steps, and per rank: peak RSS (max over ranks), RSS at the end
+split into private (anon) and file-backed pages (shared libraries and mapped cache pages, shared with the
+other ranks), and the node total of PSS (each shared page divided among the processes mapping it, summed
+over ranks: what the node really holds). load = 1-minute load average at the end (the CPUs are shared).
 """
 
 from __future__ import annotations
@@ -28,72 +39,143 @@ import torch
 
 from selmix_dist import distributed as dist
 from selmix_dist.data.synthetic import class_means, gaussian_features, long_tailed_class_counts
+from selmix_dist.features.cache import load_features, open_features
 from selmix_dist.features.sets import FeatureSet, TrainData
 from selmix_dist.train.config import load_config
 from selmix_dist.train.trainer import Trainer
 
-COLUMNS = ("procs", "K", "d", "pseudo_every", "step_ms", "refresh_s", "eval_s", "all_reduce_s", "gain_s", "broadcast_s",
-           "sampler_s", "refresh_in_steps", "peak_rss_mb")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers.feature_cache import write_feature_cache  # noqa: E402 - the writer shared with the tests
+
+SPLITS = ("labeled", "unlabeled", "val")
 
 
-def synthetic_imagenet_lt(args) -> TrainData:
-    """Seeded Gaussian-class features with an ImageNet-LT-like labeled profile (1280 → 5 per class)."""
-    k, d = args.classes, args.dim
-    means = class_means(k, d, seed=0)
-    counts = long_tailed_class_counts(1280, 256, k)
-    counts = (counts.double() * args.labeled / counts.sum()).round().clamp_min(1).long()
-    lab = gaussian_features(counts, means, 0, "labeled")
-    unl = gaussian_features(torch.full((k,), -(-args.unlabeled // k)), means, 0, "unlabeled")
-    val = gaussian_features(torch.full((k,), -(-args.val // k)), means, 0, "val")
-    return TrainData(labeled=FeatureSet(*lab, "labeled"), val=FeatureSet(*val, "val"),
-                     partners=FeatureSet(unl[0], torch.full_like(unl[1], -1), "unlabeled"))
+def split_labels(args) -> dict[str, torch.Tensor]:
+    """The true class of every row, in class blocks: labeled long-tailed, unlabeled and val balanced."""
+    k = args.classes
+    profile = long_tailed_class_counts(1280, 256, k)
+    counts = {"labeled": (profile.double() * args.labeled / profile.sum()).round().clamp_min(1).long(),
+              "unlabeled": torch.full((k,), -(-args.unlabeled // k)), "val": torch.full((k,), -(-args.val // k))}
+    return {name: torch.repeat_interleave(torch.arange(k), c) for name, c in counts.items()}
 
 
-def measure(args) -> dict[str, float]:
-    data = synthetic_imagenet_lt(args)
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(None, [f"run.dir={tmp}/run", "log.progress=false", "log.tensorboard=false",
-                                 f"optim.batch_size={args.batch_size}", f"objective.name={args.objective}",
-                                 f"data.eval_batch_size={args.eval_batch_size}", "run.resume=never",
-                                 f"selmix.pseudo_label_every={args.pseudo_label_every}"])
-        head = torch.nn.Linear(args.dim, args.classes)
-        torch.nn.init.normal_(head.weight, std=0.05, generator=torch.Generator().manual_seed(0))
-        trainer = Trainer(cfg, data, init_head=head)
-        trainer.refresh()  # warm-up: allocations, first GEMMs
-        refreshes = []
-        for _ in range(args.refreshes):  # consecutive refreshes, so pseudo-labelling is amortised as in a run
-            trainer.step += cfg.run.refresh_every
-            refreshes.append(trainer.refresh().timings)
-        for _ in range(3):
-            trainer.train_step()
-        dist.barrier()
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            trainer.train_step()
-            trainer.step += 1
-        dist.barrier()
-        step_s = (time.perf_counter() - t0) / args.steps
-        mean = {k: sum(r[k] for r in refreshes) / len(refreshes) for k in refreshes[0]}
-        peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])
-        _, world = dist.world_info()
-        row = {"procs": world, "K": args.classes, "d": args.dim, "pseudo_every": args.pseudo_label_every,
-               "step_ms": 1e3 * step_s, "refresh_s": mean["total"], "eval_s": mean["eval"],
-               "all_reduce_s": mean["all_reduce"], "gain_s": mean["gain"], "broadcast_s": mean["broadcast"],
-               "sampler_s": mean["sampler"], "refresh_in_steps": mean["total"] / step_s,
-               "peak_rss_mb": float(dist.all_reduce_max(peak))}
-        trainer.close()
+def write_inputs(args, cache: Path, head_file: Path) -> None:
+    """The synthetic splits as a feature cache (a no-op when `cache` already holds them) and a seeded head."""
+    head = torch.nn.Linear(args.dim, args.classes)
+    torch.nn.init.normal_(head.weight, std=0.05, generator=torch.Generator().manual_seed(0))
+    torch.save(head.state_dict(), head_file)
+    means = class_means(args.classes, args.dim, seed=0)
+    for split, labels in split_labels(args).items():
+        if not len(labels):
+            continue
+
+        def rows(positions: torch.Tensor, labels=labels, split=split) -> torch.Tensor:
+            # Rows are in class blocks, so a chunk's classes are its counts: one seeded draw per chunk.
+            counts = torch.bincount(labels[positions], minlength=args.classes)
+            return gaussian_features(counts, means, 0, f"{split}/{int(positions[0])}")[0]
+
+        stored = torch.full_like(labels, -1) if split == "unlabeled" else labels
+        write_feature_cache(cache, split, stored, rows, args.dim, name=f"gaussian(K={args.classes},d={args.dim})",
+                            dtype=args.dtype)
+
+
+def open_data(args) -> TrainData:
+    sets = {}
+    for split in SPLITS if args.unlabeled else ("labeled", "val"):
+        if args.loader == "mmap":
+            reader = open_features(args.cache, split)
+            sets[split] = FeatureSet(reader, reader.labels, split)
+        else:
+            loaded = load_features(args.cache, split)
+            sets[split] = FeatureSet(loaded.features, loaded.labels, split)
+    return TrainData(labeled=sets["labeled"], val=sets["val"], partners=sets.get("unlabeled"))
+
+
+def memory_mb() -> torch.Tensor:
+    """[peak RSS, RSS anon, RSS file, PSS] of this process in MB."""
+    status = {line.split(":")[0]: int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+              if line.startswith(("RssAnon:", "RssFile:"))}
+    pss = sum(int(line.split()[1]) for line in Path("/proc/self/smaps_rollup").read_text().splitlines()
+              if line.startswith("Pss:"))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return torch.tensor([[peak, status["RssAnon"], status["RssFile"], pss]], dtype=torch.float64) / 1024
+
+
+def measure(args) -> dict[str, float | int | str]:
+    """One rank's part of a row (rank 0 returns the row)."""
+    acc = dist.make_accelerator()
+    t0 = time.perf_counter()
+    data = open_data(args)
+    open_s = dist.all_reduce_max(torch.tensor([time.perf_counter() - t0])).item()
+    cfg = load_config(None, [f"run.dir={args.work_dir}/run", "log.progress=false", "log.tensorboard=false",
+                             "run.resume=never", "run.overwrite=true", f"model.init_head={args.work_dir}/head.pt",
+                             f"optim.batch_size={args.batch_size}", f"objective.name={args.objective}",
+                             f"data.eval_batch_size={args.eval_batch_size}",
+                             f"selmix.setting={'semi' if args.unlabeled else 'supervised'}",
+                             f"selmix.pseudo_label_every={args.pseudo_label_every}"])
+    trainer = Trainer(cfg, data, accelerator=acc)
+    trainer.refresh()  # warm-up: allocations, first GEMMs, first touch of the mapped pages
+    refreshes = []
+    for _ in range(args.refreshes):
+        trainer.step += cfg.run.refresh_every  # the next refresh is due as in a run (pseudo-label cadence)
+        refreshes.append(trainer.refresh().timings)
+    for _ in range(3):
+        trainer.train_step()
+        trainer.step += 1
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        trainer.train_step()
+        trainer.step += 1
+    dist.barrier()
+    step_s = (time.perf_counter() - t0) / args.steps
+    memory = dist.all_gather_cat(memory_mb())  # [world, 4], sampled while every rank is alive
+    _, world = dist.world_info()
+    trainer.close()
+    timings = {key: sum(r[key] for r in refreshes) / len(refreshes) for key in refreshes[0]}
+    row = {"procs": world, "loader": args.loader, "dtype": args.dtype, "K": args.classes, "d": args.dim,
+           "N_lab": len(data.labeled), "N_unl": 0 if data.partners is None else len(data.partners),
+           "N_val": len(data.val),
+           "pseudo_every": args.pseudo_label_every, "open_s": open_s, "step_ms": 1e3 * step_s,
+           "refresh_s": timings.pop("total"), **{f"{key}_s": v for key, v in timings.items()}}
+    row["refresh_in_steps"] = row["refresh_s"] / step_s
+    peak, anon, file, _ = memory.max(0).values.tolist()  # the largest rank
+    row.update(peak_rss_mb=peak, rss_anon_mb=anon, rss_file_mb=file, pss_node_mb=float(memory[:, 3].sum()),
+               load=os.getloadavg()[0])
     return row
 
 
-def launch_two(args, argv: list[str]) -> dict[str, float]:
+def worker_argv(args) -> list[str]:
+    return [__file__, "--classes", str(args.classes), "--dim", str(args.dim), "--labeled", str(args.labeled),
+            "--unlabeled", str(args.unlabeled), "--val", str(args.val), "--dtype", args.dtype,
+            "--loader", args.loader, "--batch-size", str(args.batch_size),
+            "--eval-batch-size", str(args.eval_batch_size), "--objective", args.objective,
+            "--steps", str(args.steps), "--refreshes", str(args.refreshes),
+            "--pseudo-label-every", str(args.pseudo_label_every), "--cache", str(args.cache),
+            "--work-dir", str(args.work_dir)]
+
+
+def launch(args, procs: int) -> dict:
+    """A row measured in fresh processes: `procs` = 1 a plain subprocess, else `accelerate launch`."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
-        env = {**os.environ, "ACCELERATE_USE_CPU": "1"} if not torch.cuda.is_available() else dict(os.environ)
-        cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", "0", __file__, *argv, "--worker-out", str(out)]
+        argv = [*worker_argv(args), "--worker-out", str(out)]
+        if procs == 1:
+            cmd, env = [sys.executable, *argv], dict(os.environ)
+        else:
+            env = dict(os.environ) if torch.cuda.is_available() else {**os.environ, "ACCELERATE_USE_CPU": "1"}
+            cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes",
+                   str(procs), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", "0", *argv]
         subprocess.run(cmd, env=env, check=True)
         return json.loads(out.read_text())
+
+
+def print_table(rows: list[dict]) -> None:
+    columns = list(dict.fromkeys(c for row in rows for c in row))
+    print(" | ".join(columns))
+    for row in rows:
+        print(" | ".join(f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns))
 
 
 def main() -> int:
@@ -101,48 +183,43 @@ def main() -> int:
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--dim", type=int, default=1280)
     p.add_argument("--labeled", type=int, default=115846)
-    p.add_argument("--unlabeled", type=int, default=300000)
+    p.add_argument("--unlabeled", type=int, default=300000, help="0: supervised setting (partners = labeled)")
     p.add_argument("--val", type=int, default=20000)
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored feature dtype")
+    p.add_argument("--loader", choices=["mmap", "memory"], default="mmap",
+                   help="mmap: open_features (memory-mapped); memory: load_features (a float32 copy per rank)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="feature-cache directory (written if absent, reused if complete; default: temporary)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--eval-batch-size", type=int, default=8192)
     p.add_argument("--objective", default="min_recall")
     p.add_argument("--steps", type=int, default=50, help="timed training steps")
     p.add_argument("--refreshes", type=int, default=2, help="timed refreshes (after one warm-up)")
     p.add_argument("--pseudo-label-every", type=int, default=1, help="selmix.pseudo_label_every")
-    p.add_argument("--procs", type=int, nargs="+", default=[1, 2], choices=[1, 2])
+    p.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="world sizes to measure")
     p.add_argument("--json", action="store_true", help="one JSON object per row")
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    p.add_argument("--work-dir", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.worker_out:  # a rank of the 2-process measurement
+    if min(args.procs) < 1 or min(args.classes, args.dim, args.labeled, args.val, args.steps, args.refreshes) < 1:
+        p.error("--procs, --classes, --dim, --labeled, --val, --steps and --refreshes must be >= 1")
+    if args.worker_out:  # a rank of one measurement
         row = measure(args)
         if dist.is_main_process():
             Path(args.worker_out).write_text(json.dumps(row))
         return 0
-    argv = [a for a in sys.argv[1:] if a not in ("--json",)]
-    argv = _without(argv, "--procs")
-    rows = [measure(args) if n == 1 else launch_two(args, argv) for n in args.procs]
+    with tempfile.TemporaryDirectory() as tmp:
+        args.cache, args.work_dir = args.cache or Path(tmp) / "cache", Path(tmp)
+        t0 = time.perf_counter()
+        write_inputs(args, args.cache, args.work_dir / "head.pt")
+        print(f"feature cache {args.cache}: ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        rows = [launch(args, n) for n in args.procs]
     if args.json:
         for row in rows:
             print(json.dumps(row))
-        return 0
-    print(" | ".join(f"{c:>16s}" for c in COLUMNS))
-    for row in rows:
-        print(" | ".join(f"{row[c]:>16.4g}" if isinstance(row[c], float) else f"{row[c]:>16}" for c in COLUMNS))
+    else:
+        print_table(rows)
     return 0
-
-
-def _without(argv: list[str], flag: str) -> list[str]:
-    """argv without `flag` and the values that follow it."""
-    out, skipping = [], False
-    for a in argv:
-        if a == flag:
-            skipping = True
-            continue
-        if skipping and not a.startswith("--"):
-            continue
-        skipping = False
-        out.append(a)
-    return out
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 `build_backbone(name, weights)` returns a `FrozenBackbone` whose `forward(x: float[B,3,H,W])` gives
 `features float[B,d]` = `model.forward_head(model.forward_features(x), pre_logits=True)`. Every backbone
 parameter is frozen and the module stays in eval mode (BatchNorm statistics never move), whatever
-`.train()` is called with. The trained head is a separate `nn.Linear(d, K)` made by `new_head`.
+`.train()` is called with. The trained head is a separate `nn.Linear(d, K)`, owned by the trainer.
 
 Weights come from
   "none"  seeded random initialisation (tests, smoke runs),
@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +27,15 @@ import torch
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
-from selmix_dist.core.rng import derive_seed, generator
+from selmix_dist.core.rng import derive_seed
 
 __all__ = [
     "FrozenBackbone",
-    "assert_only_head_trainable",
     "build_backbone",
     "build_backbone_from_spec",
     "load_efficientnet_lite",
     "load_state_dict_file",
     "map_lite_state_dict",
-    "new_head",
     "state_dict_sha256",
 ]
 
@@ -106,13 +103,6 @@ class FrozenBackbone(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last)
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
 
-    @torch.no_grad()
-    def classify(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits float[B,C] of the model's own (e.g. ImageNet) classifier; for sanity checks."""
-        if self.model.num_classes == 0:
-            raise ValueError(f"backbone {self.name!r} has no classifier (it was moved out by new_head)")
-        return self.model(x)
-
     def transform(self, train: bool = False, normalize: bool = True) -> Callable[[Any], torch.Tensor]:
         """PIL RGB image -> float[3,H,W] normalised tensor (normalize=False: uint8[3,H,W], see `normalize`).
 
@@ -171,63 +161,6 @@ class FrozenBackbone(nn.Module):
         data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()}
         return {"model": self.name, "weights": weights, "seed": seed, "image_size": int(data_config["input_size"][-1]),
                 "data_config": data_config, "num_classes": num_classes}
-
-
-def new_head(backbone: FrozenBackbone, num_classes: int, init: str = "zeros", seed: int = 0) -> nn.Linear:
-    """The trainable head, a plain `nn.Linear(num_features, num_classes)` (float32, CPU).
-
-    init: "zeros" (weight and bias 0), "default" (nn.Linear's Kaiming-uniform init drawn from
-    `generator(seed, "head")`), or "timm" (the model's own classifier re-created by
-    `reset_classifier(num_classes)` and moved out of the backbone, which then has no classifier).
-    """
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    d = backbone.num_features
-    if init == "zeros":
-        head = nn.Linear(d, num_classes)
-        nn.init.zeros_(head.weight)
-        nn.init.zeros_(head.bias)
-        return head
-    if init == "default":
-        head = nn.Linear(d, num_classes)
-        g = generator(seed, "head")
-        # Same distribution as nn.Linear.reset_parameters, but from our own generator.
-        nn.init.kaiming_uniform_(head.weight, a=math.sqrt(5), generator=g)
-        bound = 1.0 / math.sqrt(d)
-        nn.init.uniform_(head.bias, -bound, bound, generator=g)
-        return head
-    if init == "timm":
-        model = backbone.model
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(seed, "head") % 2**63)
-            model.reset_classifier(num_classes)
-        head = model.get_classifier()
-        if not isinstance(head, nn.Linear):
-            raise ValueError(
-                f"{backbone.name!r}'s classifier is a {type(head).__name__}, not nn.Linear; "
-                "use init='zeros' or 'default'"
-            )
-        model.reset_classifier(0)  # the backbone keeps no trainable classifier
-        head.requires_grad_(True)
-        return head.float().cpu()
-    raise ValueError(f"unknown head init {init!r}; expected 'zeros', 'default' or 'timm'")
-
-
-def assert_only_head_trainable(modules: nn.Module | Iterable[nn.Module], head: nn.Module) -> None:
-    """ValueError unless the parameters with requires_grad across `modules` are exactly `head`'s."""
-    mods = [modules] if isinstance(modules, nn.Module) else list(modules)
-    head_ids = {id(p) for p in head.parameters()}
-    frozen_head = [n for n, p in head.named_parameters() if not p.requires_grad]
-    stray: list[str] = []
-    for i, m in enumerate(mods):
-        stray += [f"modules[{i}].{n}" for n, p in m.named_parameters()
-                  if p.requires_grad and id(p) not in head_ids]
-    if stray or frozen_head or not head_ids:
-        raise ValueError(
-            "exactly the head's parameters must be trainable; "
-            f"trainable outside the head: {stray[:10]}{' ...' if len(stray) > 10 else ''}; "
-            f"frozen head parameters: {frozen_head}; head parameter count: {len(head_ids)}"
-        )
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:

@@ -1,30 +1,62 @@
 """What the trainer trains on: labeled, partner, validation and test feature sets.
 
-A `FeatureSet` answers `take(index) -> features[B, d]`. In mode 'features' that is a row lookup in a
-(possibly memory-mapped) cached tensor; in mode 'online' it loads the images and runs the frozen backbone,
-with training augmentation for training draws. Every rank can take any index (the cache is one file set,
-the image source is random-access), so partners drawn from the global P never need to move between ranks.
+A `FeatureSet` answers `take(index) -> features float32[B, d]`. In mode 'features' that is a row lookup in
+a memory-mapped feature cache (`selmix_dist.features.cache.open_features`; rows stay in the page cache,
+shared by the ranks of a node) or in a tensor held in memory; in mode 'online' it loads the images and runs
+the frozen backbone, with training augmentation for training draws. Every rank can take any index (the
+cache is one file set, the image source is random-access), so partners drawn from the global P never need
+to move between ranks. `subset(rows)` and `hidden()` are views: they share the rows, never copy them.
 """
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from selmix_dist.core.rng import derive_seed
 
 
-class FeatureSet:
-    """Cached features float32[N, d] with labels int64[N] (−1 where the label is hidden)."""
+class FeatureRows(Protocol):
+    """Row storage of a FeatureSet: `CachedFeatures` (memory-mapped cache) or `TensorRows` (in memory)."""
 
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor, name: str):
-        if features.ndim != 2 or labels.ndim != 1 or features.shape[0] != labels.shape[0]:
-            raise ValueError(f"split '{name}': features {tuple(features.shape)} and labels "
-                             f"{tuple(labels.shape)} do not match")
+    num_features: int
+
+    def __len__(self) -> int: ...
+
+    def take(self, index: torch.Tensor) -> torch.Tensor: ...
+
+
+class TensorRows:
+    """Features held in memory: a float tensor [N, d] of any float dtype, converted to float32 per batch."""
+
+    def __init__(self, features: torch.Tensor):
         self.features = features
+        self.num_features = features.shape[1]
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        return self.features[index].to(torch.float32)
+
+
+class FeatureSet:
+    """Features [N, d] with labels int64[N] (−1 where the label is hidden).
+
+    features: a float tensor [N, d] held in memory, or a `CachedFeatures` reader of the feature cache.
+    """
+
+    def __init__(self, features: torch.Tensor | FeatureRows, labels: torch.Tensor, name: str):
+        shape = tuple(features.shape) if isinstance(features, torch.Tensor) else (len(features), features.num_features)
+        if len(shape) != 2 or labels.ndim != 1 or shape[0] != labels.shape[0]:
+            raise ValueError(f"split '{name}': features {shape} and labels {tuple(labels.shape)} do not match")
+        self._rows = TensorRows(features) if isinstance(features, torch.Tensor) else features
+        self._positions: torch.Tensor | None = None  # rows of `_rows` this set sees (None: all, in order)
         self.labels = labels.to(torch.int64)
         self.name = name
 
@@ -33,15 +65,49 @@ class FeatureSet:
 
     @property
     def num_features(self) -> int:
-        return self.features.shape[1]
+        return self._rows.num_features
+
+    @property
+    def features(self) -> torch.Tensor:
+        """All rows as one tensor [N, d]: the tensor given, if it was one (no subset); else a float32 copy
+        (O(N·d) private memory: for tests and small sets; training reads batches with `take`)."""
+        if self._positions is None and isinstance(self._rows, TensorRows):
+            return self._rows.features
+        return self.take(torch.arange(len(self)))
+
+    def _stored(self, index: torch.Tensor) -> torch.Tensor:
+        """Positions in the row storage of this set's rows `index`."""
+        return index if self._positions is None else self._positions[index]
 
     def take(self, index: torch.Tensor, *, augment_seed: tuple[int, ...] | None = None) -> torch.Tensor:
-        """Rows `index` as float32[B, d] (cached features carry no augmentation)."""
-        return self.features[index].to(torch.float32)
+        """Rows `index` (int64[B]) as float32[B, d] (cached features carry no augmentation)."""
+        return self._rows.take(self._stored(index))
+
+    def subset(self, rows: torch.Tensor, name: str | None = None) -> FeatureSet:
+        """The rows `rows` (int64[M] positions in this set, or a bool mask [N]) as a set of their own,
+        sharing this set's storage (nothing is copied but the labels)."""
+        rows = torch.as_tensor(rows)
+        if rows.dtype == torch.bool:
+            if rows.shape != self.labels.shape:
+                raise ValueError(f"split '{self.name}': mask of shape {tuple(rows.shape)} for {len(self)} rows")
+            rows = rows.nonzero().flatten()
+        if rows.ndim != 1 or rows.is_floating_point():
+            raise ValueError(f"split '{self.name}': subset rows must be a 1-D integer index or a bool mask")
+        rows = rows.to(torch.int64)
+        outside = (rows < 0) | (rows >= len(self))
+        if bool(outside.any()):
+            raise IndexError(f"split '{self.name}': subset row {int(rows[outside][0])} is outside [0, {len(self)})")
+        view = copy.copy(self)
+        view._positions = self._stored(rows)
+        view.labels = self.labels[rows]
+        view.name = name or self.name
+        return view
 
     def hidden(self) -> FeatureSet:
-        """The same features with every label replaced by −1 (unlabeled partners)."""
-        return FeatureSet(self.features, torch.full_like(self.labels, -1), self.name)
+        """The same rows with every label replaced by −1 (unlabeled partners)."""
+        view = copy.copy(self)
+        view.labels = torch.full_like(self.labels, -1)
+        return view
 
 
 class OnlineFeatureSet(FeatureSet):
@@ -57,6 +123,7 @@ class OnlineFeatureSet(FeatureSet):
         self.train_tf, self.eval_tf = train_tf, eval_tf
         self.labels = labels.to(torch.int64)
         self._num_features, self.device, self.name = num_features, device, name
+        self._rows, self._positions = None, None  # images, not stored rows; `subset` sets positions
 
     @property
     def num_features(self) -> int:
@@ -70,12 +137,8 @@ class OnlineFeatureSet(FeatureSet):
             random.seed(seed)
             torch.manual_seed(seed)
         tf = self.train_tf if augment_seed is not None else self.eval_tf
-        batch = torch.stack([tf(self.load(int(i))) for i in index.tolist()]).to(self.device)
+        batch = torch.stack([tf(self.load(int(i))) for i in self._stored(index).tolist()]).to(self.device)
         return self.backbone(batch).float()
-
-    def hidden(self) -> OnlineFeatureSet:
-        return OnlineFeatureSet(self.load, torch.full_like(self.labels, -1), self.backbone, self.train_tf,
-                                self.eval_tf, self._num_features, self.device, self.name)
 
 
 @dataclass

@@ -8,17 +8,12 @@ import pytest
 import skimage.data
 import timm
 import torch
+from helpers.backbones import assert_only_head_trainable, imagenet_logits, new_head
 from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from selmix_dist.features.backbones import (
-    LITE_PACKAGES,
-    assert_only_head_trainable,
-    build_backbone,
-    map_lite_state_dict,
-    new_head,
-)
+from selmix_dist.features.backbones import LITE_PACKAGES, build_backbone, map_lite_state_dict
 
 # ImageNet-1k class ids: 281-285 are domestic cats; 967 espresso, 968 cup, 504 coffee mug.
 CAT_IDS = {281, 282, 283, 284, 285}
@@ -42,7 +37,7 @@ def _batch(seed: int = 0, size: int = 64, n: int = 4) -> torch.Tensor:
 def test_lite0_classifies_cat_and_coffee(lite0):
     tf = lite0.transform(train=False)
     x = torch.stack([tf(Image.fromarray(skimage.data.chelsea())), tf(Image.fromarray(skimage.data.coffee()))])
-    top = lite0.classify(x).argmax(dim=1).tolist()
+    top = imagenet_logits(lite0, x).argmax(dim=1).tolist()
     assert top[0] in CAT_IDS, top
     assert top[1] in COFFEE_IDS, top
 
@@ -76,7 +71,7 @@ def test_optional_lite_packages(variant):
         return
     bb = build_backbone(name, "lite")
     tf = bb.transform()
-    assert int(bb.classify(tf(Image.fromarray(skimage.data.chelsea()))[None]).argmax()) in CAT_IDS
+    assert int(imagenet_logits(bb, tf(Image.fromarray(skimage.data.chelsea()))[None]).argmax()) in CAT_IDS
 
 
 def test_lite_weights_need_a_lite_model():
@@ -209,7 +204,7 @@ def test_timm_head_is_moved_out_and_only_head_trainable():
     assert not any(p is q for p in head.parameters() for q in bb.parameters())
     assert_only_head_trainable([bb, head], head)
     with pytest.raises(ValueError, match="no classifier"):
-        bb.classify(_batch(size=32))
+        imagenet_logits(bb, _batch(size=32))
 
 
 def test_assert_only_head_trainable_names_offenders(resnet):

@@ -42,6 +42,9 @@ def test_online_features_are_the_backbone_on_eval_images(tmp_path, small_image_f
     tf = backbone.transform(train=False)
     expected = backbone(torch.stack([tf(source[int(i)][0]) for i in val.items[:5]]))
     torch.testing.assert_close(data.val.take(torch.arange(5)), expected)
+    part = data.val.subset(torch.tensor([4, 1]), "val-part")  # a view: rows 4 and 1 of the same images
+    torch.testing.assert_close(part.take(torch.tensor([1, 0, 1])), expected[[1, 4, 1]])
+    assert torch.equal(part.labels, torch.as_tensor(val.labels)[[4, 1]])
     assert torch.equal(data.val.labels, torch.as_tensor(val.labels))
     assert bool((data.partners.labels == -1).all())  # unlabeled labels stay hidden
     # training draws are augmented, and reproducibly so for the same (seed, rank, step)
