@@ -39,7 +39,7 @@ from selmix_dist.data.splits import _sha256 as file_sha256
 from selmix_dist.features.backbones import LITE_PACKAGES, FrozenBackbone, build_backbone, build_backbone_from_spec
 from selmix_dist.features.cache import MANIFEST, CacheKey, read_manifest
 from selmix_dist.report import load_history
-from selmix_dist.train import checkpoint as ckpt
+from selmix_dist.train.checkpointer import latest_valid_checkpoint
 
 __all__ = ["EXPORT_META", "RunHead", "backbone_of_cache", "backbone_of_run", "build_classifier",
            "export_classifier", "load_classifier", "predict_probabilities", "read_run_head"]
@@ -104,7 +104,7 @@ def read_run_head(run_dir: str | Path, which: str = "best") -> RunHead:
                                     "(use which='last' for its latest step checkpoint)")
         state = _torch_load(path)
     else:
-        found = ckpt.latest_valid_checkpoint(ckpt_dir)
+        found = latest_valid_checkpoint(ckpt_dir)
         if found is None:
             raise FileNotFoundError(f"no readable step checkpoint {ckpt_dir}/step_*.pt")
         path, state = found
@@ -132,6 +132,8 @@ def read_run_head(run_dir: str | Path, which: str = "best") -> RunHead:
 
 
 def _config_value(config: dict[str, Any], key: str, where: str) -> Any:
+    if key in config:  # step checkpoints carry the config flat ({"section.key": value})
+        return config[key]
     section, name = key.split(".")
     try:
         return config[section][name]

@@ -251,7 +251,8 @@ def trainer_overrides(mapping: dict) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value in mapping.items()]
 
 
-def trainer_config(settings: TrainerSettings, experiment_trainer: dict, seed: int = 0, run_dir: str = "") -> Any:
+def trainer_config(settings: TrainerSettings, experiment_trainer: dict, seed: int = 0,
+                   run_dir: str = "<per run>") -> Any:
     """The trainer Config of a method: runner defaults, the experiment's keys, the method's keys, then the
     runner's own keys and the method's objective (ValueError naming a bad or reserved key)."""
     from selmix_dist.train.config import load_config

@@ -93,6 +93,16 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+def latest_valid_checkpoint(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest step checkpoint that loads and verifies; unusable ones are reported, never deleted."""
+    for _, path in list_step_checkpoints(ckpt_dir):
+        try:
+            return path, load_checkpoint(path)
+        except ValueError as err:
+            log.warning("skipping unusable checkpoint: %s", err)
+    return None
+
+
 def _migrate_v1(state: dict[str, Any]) -> dict[str, Any]:
     """Format 1 (before configs and checksums were stored): its identity held objective, K, setting, d."""
     identity = dict(state["identity"])
@@ -118,16 +128,10 @@ class Checkpointer:
         self._verified: set[tuple[str, int, int]] = set()  # (name, size, mtime_ns) known to load
 
     def latest(self) -> tuple[Path, dict[str, Any]] | None:
-        """The newest step checkpoint that loads and verifies; unusable ones are reported, never deleted."""
-        for _, path in list_step_checkpoints(self.dir):
-            try:
-                state = load_checkpoint(path)
-            except ValueError as err:
-                log.warning("skipping unusable checkpoint: %s", err)
-                continue
-            self._remember(path)
-            return path, state
-        return None
+        found = latest_valid_checkpoint(self.dir)
+        if found is not None:
+            self._remember(found[0])
+        return found
 
     def any_present(self) -> bool:
         return bool(list_step_checkpoints(self.dir))

@@ -194,7 +194,7 @@ class Trainer:
         if target > self.best["metric"]:
             self.best = {"metric": target, "step": self.step}
             self.run_dir.torch_save({"step": self.step, "metric": target, "head": self.head_state(),
-                                     "class_names": self.data.class_names, "config": flatten(self.cfg)},
+                                     "class_names": self.data.class_names, "config": self.cfg.to_dict()},
                                     self.run_dir.checkpoints / "best.pt")
         if self.cfg.run.early_stop and not self.cfg.selmix.uniform:
             return bool(dist.broadcast_object(converged))

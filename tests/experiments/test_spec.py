@@ -25,7 +25,7 @@ def test_cifar_experiment_holds_todays_protocol_and_hyper_parameters():
     selmix = spec.methods["selmix_min_recall"].settings
     cfg = trainer_config(selmix, spec.trainer)
     assert (cfg.run.steps, cfg.optim.lr, cfg.selmix.temperature, cfg.optim.batch_size) == (3000, 3e-3, 0.1, 64)
-    assert cfg.objective.name == "min_recall" and cfg.objective.params == {"beta": 0.0, "omega": 50.0}
+    assert cfg.objective.name == "min_recall" and cfg.objective.active() == {"beta": 0.0, "omega": 50.0}
     assert trainer_config(spec.methods["mixup"].settings, spec.trainer).selmix.uniform is True
     csst = spec.methods["csst_mean_recall_min_coverage"].settings
     assert (csst.lr, csst.steps, csst.params["update"], csst.params["omega"]) == (1e-4, 3000, "dual", 1.0)
@@ -100,7 +100,7 @@ def test_overrides_reach_every_level(tmp_path, toy_raw):
     sm = spec.methods["sm"].settings
     assert isinstance(sm, TrainerSettings) and sm.params == {"omega": 20} and sm.trainer == {"selmix.uniform": True}
     cfg = trainer_config(sm, spec.trainer)
-    assert (cfg.run.steps, cfg.selmix.uniform, cfg.objective.params) == (7, True, {"omega": 20})
+    assert (cfg.run.steps, cfg.selmix.uniform, cfg.objective.active()) == (7, True, {"omega": 20})
     with pytest.raises(ValueError, match="unknown method 'stt' \\(did you mean 'st'\\?\\)"):
         load_spec(path, ["methods.stt.steps=9"])
     with pytest.raises(ValueError, match="not of the form"):

@@ -53,6 +53,10 @@ class FunctionBackbone(torch.nn.Module):
     def transform_description(self) -> str:
         return "position"
 
+    def spec(self) -> dict:
+        """How to rebuild it (recorded in the cache manifest; a table of rows cannot be rebuilt)."""
+        return {"name": self.name, "weights": "table"}
+
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         return self.rows(positions)
 
