@@ -159,7 +159,7 @@ def test_signal_during_a_slow_refresh_on_two_processes(tmp_path):
     launcher = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     pids = Path(f"{run}.pids")
     deadline = time.time() + 180
-    while not (run / ".lock").exists() and time.time() < deadline:  # set-up done, the first refresh begins
+    while not (run / "history.jsonl").exists() and time.time() < deadline:  # the loop starts: first refresh
         time.sleep(0.2)
     time.sleep(3)
     signalled = time.time()
