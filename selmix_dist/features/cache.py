@@ -243,7 +243,7 @@ def _prepare(out_dir: Path, split: str, key: CacheKey, split_sha256: str, n: int
     manifest = read_manifest(out_dir) if path.exists() else None
     if manifest is None and not overwrite and any((out_dir / split).glob("chunk-*.safetensors")):
         raise ValueError(f"{out_dir / split} holds feature chunks but {path} is missing; "
-                         "use another --out, or overwrite=True to replace them")
+                         "use another --out, or pass --overwrite (overwrite=True in Python) to replace them")
     if manifest is not None:
         diffs = _key_differences(header, manifest)
         old = manifest.get("splits", {}).get(split)
@@ -252,7 +252,7 @@ def _prepare(out_dir: Path, split: str, key: CacheKey, split_sha256: str, n: int
             if not overwrite:
                 raise ValueError(
                     f"feature cache {out_dir} was built with another key ({'; '.join(diffs + split_diffs)}); "
-                    "use another --out, or overwrite=True to replace it")
+                    "use another --out, or pass --overwrite (overwrite=True in Python) to replace it")
             for name in list(manifest.get("splits", {})) if diffs else [split]:
                 shutil.rmtree(out_dir / name, ignore_errors=True)
                 manifest["splits"].pop(name, None)
