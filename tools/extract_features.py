@@ -18,6 +18,7 @@ processes; rerunning is a no-op and an interrupted run resumes (see selmix_dist.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -47,7 +48,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--image-size", type=int, default=None, help="square input side (default: the model's)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="storage dtype of the features")
-    p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per process")
+    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader workers per process (default: 4, or the CPU cores available if fewer)")
     p.add_argument("--chunk-size", type=int, default=2048,
                    help="samples per chunk file (part of the cache key)")
     p.add_argument("--overwrite", action="store_true",
