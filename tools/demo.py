@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from selmix_dist.cli import parser, run_cli
 from selmix_dist.data.sources import ArraySource
 from selmix_dist.data.splits import load_split, make_lt_split
 from selmix_dist.features.backbones import build_backbone
@@ -58,12 +58,12 @@ def _test_min_recall(run_dir: Path) -> tuple[float, float]:
     return test[0], test[-1]
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def run(argv: list[str]) -> int:
+    p = parser(__doc__)
     p.add_argument("--out", default=str(REPO / "runs" / "demo"), help="working directory")
     p.add_argument("--image-size", type=int, default=128, help="backbone input side (digits are 8×8)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides of configs/demo_digits.yaml")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     t0 = time.perf_counter()
     torch.manual_seed(0)
     out = Path(args.out)
@@ -83,6 +83,10 @@ def main() -> int:
     print(f"report: {run_dir / 'report.md'}\nTensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     print(f"demo finished in {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, argv)
 
 
 if __name__ == "__main__":

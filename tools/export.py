@@ -9,26 +9,21 @@ validation / test metrics, backbone spec). A non-empty DIR that is not an earlie
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 
 from selmix_dist.classifier import WHICH, export_classifier
+from selmix_dist.cli import parser, run_cli
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def run(argv: list[str]) -> int:
+    p = parser(__doc__)
     p.add_argument("run_dir", help="training run directory (checkpoints/, config.yaml, meta.json)")
     p.add_argument("--out", required=True, help="export folder (new, empty, or an earlier export)")
     p.add_argument("--which", choices=WHICH, default="best",
                    help="best: checkpoints/best.pt (max validation target metric); last: newest step checkpoint")
     p.add_argument("--json", action="store_true", help="print selmix_export.json instead of a summary")
     args = p.parse_args(argv)
-    try:
-        meta = export_classifier(args.run_dir, args.out, args.which)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    meta = export_classifier(args.run_dir, args.out, args.which)
     if args.json:
         print(json.dumps(meta, indent=1))
         return 0
@@ -41,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f'load: timm.create_model("local-dir:{args.out}", pretrained=True) or '
           f'selmix_dist.load_classifier("{args.out}")')
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, argv)
 
 
 if __name__ == "__main__":

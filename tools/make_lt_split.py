@@ -4,6 +4,8 @@
     python tools/make_lt_split.py --kind imagefolder --source data/cifar10/train \
         --test-source data/cifar10/test --n1 1500 --rho-l 100 --m1 3000 --rho-u 100 --n-val 500 \
         --seed 0 --out runs/splits/cifar10_lt
+    # a Hugging Face DatasetDict written with save_to_disk: name its split with --option
+    python tools/make_lt_split.py --kind hf --source data/my_hf_dataset --option split=train --n-test 50 ...
 
 Writes labeled.txt, unlabeled.txt (labels −1), val.txt, test.txt, split.json and
 unlabeled_true_labels.diagnostic.txt into --out, and prints the per-class counts.
@@ -12,10 +14,10 @@ unlabeled_true_labels.diagnostic.txt into --out, and prints the per-class counts
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from selmix_dist.cli import key_value, parser, run_cli
 from selmix_dist.data.sources import SOURCE_KINDS, open_source
 from selmix_dist.data.splits import MANIFEST, make_lt_split
 
@@ -30,28 +32,18 @@ def ratio(text: str) -> float:
     return value
 
 
-def option(text: str) -> tuple[str, object]:
-    """KEY=VALUE, VALUE parsed as JSON when it is JSON (numbers, true/false, lists), else a string."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = parser(__doc__)
     p.add_argument("--kind", required=True, choices=sorted(SOURCE_KINDS), help="source kind")
     p.add_argument("--source", required=True,
                    help="source path (image folder, list file, shard dir, HF dataset dir, .npz)")
-    p.add_argument("--option", type=option, action="append", default=[], metavar="KEY=VALUE",
-                   help="keyword for open_source, e.g. root=/data/imagenet (repeatable)")
+    p.add_argument("--option", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword for open_source, e.g. root=data/imagenet, or split=train for a Hugging Face "
+                        "DatasetDict (repeatable)")
     test = p.add_mutually_exclusive_group(required=True)
     test.add_argument("--test-source", help="a separate test source of the same kind (all of it is test)")
     test.add_argument("--n-test", type=int, help="hold out this many test images per class instead")
-    p.add_argument("--test-option", type=option, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--test-option", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="keyword for opening --test-source (repeatable)")
     p.add_argument("--out", required=True, help="split directory to write")
     p.add_argument("--n1", type=int, required=True, help="labeled images of the head class")
@@ -66,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str]) -> int:
     args = parse_args(argv)
     source = open_source(args.kind, args.source, **dict(args.option))
     test_source = (open_source(args.kind, args.test_source, **dict(args.test_option))
@@ -88,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"split (seed {args.seed}) in {Path(args.out) / MANIFEST}: "
           + ", ".join(f"{name} {n}" for name, n in totals.items()))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -10,20 +10,22 @@ Warns when there are fewer shards than --world-size × --workers (data-loader wo
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from selmix_dist.cli import key_value, parser, run_cli
 from selmix_dist.data.shards import shard_count_warning, write_shards
 from selmix_dist.data.sources import SOURCE_KINDS, open_source
 from selmix_dist.data.splits import SPLIT_NAMES, load_split, open_split_source
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(argv: list[str] | None = None):
+    p = parser(__doc__)
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--source", help="an image source to write whole (with --kind)")
     where.add_argument("--split-dir", help="a split directory of tools/make_lt_split.py (with --split)")
     p.add_argument("--kind", choices=sorted(SOURCE_KINDS), help="kind of --source")
+    p.add_argument("--option", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword for opening --source, e.g. split=train of a Hugging Face DatasetDict (repeatable)")
     p.add_argument("--split", choices=SPLIT_NAMES, help="which list of --split-dir to write")
     p.add_argument("--out", required=True, help="output directory for the shards")
     p.add_argument("--maxcount", type=int, default=10_000, help="samples per shard")
@@ -38,13 +40,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--source needs --kind")
     if args.split_dir is not None and args.split is None:
         p.error("--split-dir needs --split")
+    if args.option and args.source is None:
+        p.error("--option applies to --source (a split directory reopens its sources as recorded)")
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.source is not None:
-        source, indices, labels = open_source(args.kind, args.source), None, None
+        source, indices, labels = open_source(args.kind, args.source, **dict(args.option)), None, None
     else:
         source = open_split_source(args.split_dir, args.split)
         split = load_split(args.split_dir, args.split, source)
@@ -59,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     if message:
         print(f"WARNING: {message}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, argv)
 
 
 if __name__ == "__main__":

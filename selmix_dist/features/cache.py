@@ -142,6 +142,35 @@ def _key_differences(expected: dict[str, Any], found: dict[str, Any]) -> list[st
             for k, v in expected.items() if found.get(k) != v]
 
 
+def _mismatch_message(expected: dict[str, Any], found: dict[str, Any]) -> str:
+    """"field: cache has X, requested Y; ..." for the fields that differ, the backbone key's fields one by one,
+    long values (hashes, the transform description) cut to a window around their first difference."""
+    parts = []
+    for name, want in expected.items():
+        have = found.get(name)
+        if have == want or name == "key_digest":  # the digest differs exactly when a key field does
+            continue
+        if isinstance(want, dict) and isinstance(have, dict):
+            parts.append(_mismatch_message(want, have))
+        else:
+            cached, requested = _around_first_difference(str(have), str(want))
+            parts.append(f"{name}: cache has {cached}, requested {requested}")
+    return "; ".join(parts) or "key_digest differs"
+
+
+def _around_first_difference(a: str, b: str, width: int = 48) -> tuple[str, str]:
+    """Both values in full (repr) when short, else the same window of each around their first difference."""
+    if len(a) <= width and len(b) <= width:
+        return repr(a), repr(b)
+    same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    start = max(0, same - width // 2)
+
+    def cut(text: str) -> str:
+        return ("…" if start else "") + text[start:start + width] + ("…" if start + width < len(text) else "")
+
+    return cut(a), cut(b)
+
+
 def _chunk_name(start: int, stop: int) -> str:
     return f"chunk-{start:09d}-{stop:09d}.safetensors"
 
@@ -243,16 +272,17 @@ def _prepare(out_dir: Path, split: str, key: CacheKey, split_sha256: str, n: int
     manifest = read_manifest(out_dir) if path.exists() else None
     if manifest is None and not overwrite and any((out_dir / split).glob("chunk-*.safetensors")):
         raise ValueError(f"{out_dir / split} holds feature chunks but {path} is missing; "
-                         "use another --out, or overwrite=True to replace them")
+                         "use another --out, or pass --overwrite to tools/extract_features.py to replace them")
     if manifest is not None:
         diffs = _key_differences(header, manifest)
         old = manifest.get("splits", {}).get(split)
         split_diffs = _key_differences(entry_key, old) if old else []
         if diffs or split_diffs:
             if not overwrite:
-                raise ValueError(
-                    f"feature cache {out_dir} was built with another key ({'; '.join(diffs + split_diffs)}); "
-                    "use another --out, or overwrite=True to replace it")
+                what = "; ".join(([_mismatch_message(header, manifest)] if diffs else [])
+                                 + ([f"split {split!r}: {_mismatch_message(entry_key, old)}"] if split_diffs else []))
+                raise ValueError(f"feature cache {out_dir} was built with another key ({what}); use another --out, "
+                                 "or pass --overwrite to tools/extract_features.py to replace it")
             for name in list(manifest.get("splits", {})) if diffs else [split]:
                 shutil.rmtree(out_dir / name, ignore_errors=True)
                 manifest["splits"].pop(name, None)
