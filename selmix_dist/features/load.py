@@ -31,15 +31,15 @@ def _class_names(split_dir: str) -> list[str] | None:
 
 
 def cached_train_data(cfg: Config) -> TrainData:
-    """Mode 'features': every split from the feature cache `data.features`."""
-    from selmix_dist.features.cache import load_features
+    """Mode 'features': every split from the feature cache `data.features`, memory-mapped (zero-copy)."""
+    from selmix_dist.features.cache import open_features
 
     if not cfg.data.features:
         raise ValueError("model.mode=features needs config key 'data.features' (a feature-cache directory)")
     sets: dict[str, Any] = {}
     for role, split in _split_names(cfg).items():
-        fs = load_features(cfg.data.features, split)
-        sets[role] = FeatureSet(fs.features, fs.labels, split)
+        reader = open_features(cfg.data.features, split)
+        sets[role] = FeatureSet(reader, reader.labels, split)
     return TrainData(class_names=_class_names(cfg.data.split_dir), **sets)
 
 

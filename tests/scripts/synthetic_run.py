@@ -64,7 +64,7 @@ def main() -> None:
     preemption = Preemption(requeue=False).install()  # from process start, as launch/train.py does
     cfg = load_config(None, [f"run.dir={args.run_dir}", "log.progress=false", *args.overrides])
     preemption.requeue_enabled = cfg.run.requeue
-    rank, world = dist.world_info()
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))  # before init
     setup_logging(rank)
     pid_dir = os.path.join(args.run_dir + ".pids")
     os.makedirs(pid_dir, exist_ok=True)

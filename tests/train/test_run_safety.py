@@ -149,7 +149,7 @@ def test_signal_during_a_slow_refresh_on_two_processes(tmp_path):
     """A refresh slowed to about 60 s (each of 10 validation batches per rank sleeps 6 s) is interrupted:
     checkpoint of the last step boundary within seconds, exit 0; the resumed run ends like the reference."""
     ref = tmp_path / "ref"
-    ok(run_script(ref, procs=2))
+    ok(run_script(ref, "data.eval_batch_size=8", procs=2))
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     accelerate = Path(sys.executable).parent / "accelerate"
@@ -171,7 +171,7 @@ def test_signal_during_a_slow_refresh_on_two_processes(tmp_path):
     assert [p.name for p in (run / "checkpoints").glob("step_*.pt")] == ["step_00000000.pt"]
     assert took < 45, f"{took:.0f} s from the signal to exit: the 60 s refresh was not interrupted"
     assert "signal received" in err
-    ok(run_script(run, procs=2))
+    ok(run_script(run, "data.eval_batch_size=8", procs=2))  # the same config, without the slow reads
     torch.testing.assert_close(final_head(run)["weight"], final_head(ref)["weight"], rtol=0, atol=1e-6)
     assert [(h["step"], h["split"]) for h in history(run)] == [(h["step"], h["split"]) for h in history(ref)]
 

@@ -183,7 +183,7 @@ def test_two_process_kill9_resume_matches_uninterrupted(tmp_path):
     ok(run_script(crash, procs=2))
     torch.testing.assert_close(final_head(crash)["weight"], final_head(ref)["weight"], rtol=0, atol=1e-6)
     # resuming on another number of ranks works too
-    ok(run_script(crash, "run.steps=70", procs=1))
+    ok(run_script(crash, "run.steps=70", "run.extend_steps=true", procs=1))
     assert final_head(crash)["summary"]["step"] == 70
 
 
