@@ -75,3 +75,14 @@ def small_image_folder(tmp_path_factory) -> Path:
                 pixels = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(root / name / f"{i:04d}.jpg", quality=75)
     return root
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module of small problems (on a shared 2-core machine more only contend)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 TOY_CLASSES = ("ant", "bee", "cat", "dog")
@@ -17,12 +16,8 @@ TOY_TRAIN, TOY_TEST = 30, 6          # images per class
 
 
 @pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # Small problems: on the shared 2-core machine intra-op threads only add contention.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(single_thread):  # every module here fits small heads (fixture in tests/conftest.py)
     yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -28,14 +28,7 @@ from selmix_dist.heads import (
     self_train_head,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # These problems are tiny; on the shared 2-core machine intra-op threads only add contention.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def np_softmax(z: np.ndarray) -> np.ndarray:
