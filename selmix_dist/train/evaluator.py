@@ -62,19 +62,19 @@ class Evaluator:
     def statistics(self, head: torch.nn.Module, fs: FeatureSet, *, with_features: bool,
                    poll: Poll = _never) -> SplitStatistics:
         """Confusion counts (and per-class feature sums) of `fs` under `head`, over all ranks."""
-        preds = [torch.empty(0, dtype=torch.int64)]
+        preds = [torch.empty(0, dtype=torch.int64, device=self.device)]  # kept on the device: one copy at the end
         sums = torch.zeros(self.k, fs.num_features, dtype=torch.float64, device=self.device) if with_features else None
         for index in _shard_batches(len(fs), self.batch_size):
             if len(index):
                 x = fs.take(index).to(self.device)
-                preds.append(head(x).argmax(dim=1).cpu())
+                preds.append(head(x).argmax(dim=1))
                 if with_features:
                     sums.index_add_(0, fs.labels[index].to(self.device), x.to(torch.float64))
             if poll():
                 raise Interrupted
         # Predictions are gathered (O(N) bytes rather than a K×K all-reduce, 530 MB at K = 8142) and counted
         # once on every rank; feature sums are all-reduced.
-        counts = confusion_counts(fs.labels, dist.all_gather_cat(torch.cat(preds)), self.k)
+        counts = confusion_counts(fs.labels, dist.all_gather_cat(torch.cat(preds).cpu()), self.k)
         return SplitStatistics(counts, None if sums is None else dist.all_reduce_sum(sums.cpu()))
 
     def metrics(self, counts: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
@@ -92,7 +92,7 @@ class Evaluator:
         argmax of logits − `log_prior` (already scaled by τ) when given; −1 where the softmax confidence is
         below `threshold`.
         """
-        parts = [torch.empty(0, dtype=torch.int32)]
+        parts = [torch.empty(0, dtype=torch.int32, device=self.device)]
         for index in _shard_batches(len(fs), self.batch_size):
             if len(index):
                 logits = head(fs.take(index).to(self.device)).to(torch.float64)
@@ -100,7 +100,7 @@ class Evaluator:
                     logits = logits - log_prior.to(logits.device)
                 conf, label = logits.softmax(dim=1).max(dim=1)
                 label[conf < threshold] = -1
-                parts.append(label.to(torch.int32).cpu())
+                parts.append(label.to(torch.int32))
             if poll():
                 raise Interrupted
-        return dist.all_gather_cat(torch.cat(parts))
+        return dist.all_gather_cat(torch.cat(parts).cpu())
