@@ -49,9 +49,21 @@ def common_keys_help() -> str:
 
 
 def shipped_configs_help() -> str:
-    files = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*.yaml")
-                   if "accelerate" not in p.parts)
-    return "experiment configs in this repository:\n" + "\n".join(f"  {f}" for f in files)
+    """The repository's training configs: YAML files made only of config sections (not the accelerate or
+    tools/reproduce.py experiment files that live beside them)."""
+    import dataclasses
+
+    import yaml
+
+    from selmix_dist.train.config import Config
+
+    sections = {f.name for f in dataclasses.fields(Config)}
+    files = []
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        if isinstance(raw, dict) and raw and set(raw) <= sections:
+            files.append(path.relative_to(REPO).as_posix())
+    return "training configs in this repository (--config):\n" + "\n".join(f"  {f}" for f in files)
 
 
 def run(argv: list[str]) -> int:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from selmix_dist.cli import run_cli
 from selmix_dist.core import OBJECTIVES
-from selmix_dist.train.config import Config, all_keys
+from selmix_dist.train.config import Config, all_keys, load_config
 from selmix_dist.train.lock import RunLockedError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -168,8 +168,10 @@ def test_launcher_help_shows_defaults_every_objective_and_only_repository_paths(
     for key in all_keys():  # every key with its default, --help-config
         section, name = key.split(".")
         assert f"{key} = {defaults[section][name]!r}" in config_text.stdout
-    for config in re.findall(r"^  (configs/\S+\.yaml)$", help_text.stdout, re.M):
-        assert (REPO / config).is_file()
+    listed = re.findall(r"^  (configs/\S+\.yaml)$", help_text.stdout, re.M)
+    assert "configs/cifar10_lt/min_recall.yaml" in listed
+    for config in listed:
+        load_config(REPO / config)  # a training config, not an accelerate or experiment file
 
 
 def test_launcher_reports_a_diverged_run_as_a_user_error(lite_run, tmp_path):
