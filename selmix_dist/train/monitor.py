@@ -130,6 +130,7 @@ class Monitor:
         self.writer = None
         self.bar = None
         self.run_dir, self.history_path = run_dir, run_dir / "history.jsonl"
+        self.class_names = class_names
         self.class_tags = [f"{k:03d}_{_tag(n)}" for k, n in enumerate(class_names)] if class_names else None
         self._narrow, self._warned_narrow = 0, False
         self._snapshot: dict | None = None
@@ -181,7 +182,7 @@ class Monitor:
 
     def image(self, tag: str, matrix: torch.Tensor, step: int, order: torch.Tensor | None = None) -> None:
         if self.writer is not None:
-            self.writer.add_image(tag, heatmap_image(matrix, order), step, dataformats="CHW")
+            self.writer.add_image(tag, heatmap_image(matrix, order, self.class_names), step, dataformats="CHW")
 
     def evaluation(self, step: int, split: str, metrics: dict[str, float], per_class_recall: torch.Tensor,
                    head_step: int | None = None) -> None:
@@ -243,11 +244,13 @@ class Monitor:
             record = json.loads(line)
             first.setdefault(record["split"], record)
             last[record["split"]] = record
-        for split in first:
+        for split in (s for s in first if s != "test_best"):
             log.info("%s %s: %.4f at step %d → %.4f at step %d", split, target, first[split]["metrics"][target],
                      first[split]["step"], last[split]["metrics"][target], last[split]["step"])
         log.info("done at step %d; best validation %s %.4f at step %d → %s", step, target, best["metric"],
                  best["step"], run_dir.checkpoints / "best.pt")
+        if "test_best" in last:
+            log.info("test %s of that best head: %.4f", target, last["test_best"]["metrics"][target])
         log.info("TensorBoard: tensorboard --logdir %s", run_dir.tensorboard)
 
     def progress(self, step: int, postfix: dict[str, float]) -> None:
