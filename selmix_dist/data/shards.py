@@ -77,7 +77,8 @@ def write_shards(source: ImageSource, out_dir: str | Path, maxcount: int = 10_00
     out_dir.mkdir(parents=True, exist_ok=True)
     stale = sorted(out_dir.glob(f"{prefix}-*.tar")) + [p for p in [out_dir / WDS_META] if p.exists()]
     if stale and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds shards ({stale[0].name}, …); pass --overwrite (overwrite=True from Python)")
+        raise FileExistsError(f"{out_dir} already holds shards ({stale[0].name}, …); pass --overwrite "
+                              "(overwrite=True from Python)")
     for path in stale:
         path.unlink()
 

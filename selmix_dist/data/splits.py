@@ -196,7 +196,8 @@ def make_lt_split(source: ImageSource, out_dir: str | Path, *, n1: int, rho_l: f
                          f"{list(source.class_names)[:5]}…")
     out_dir = Path(out_dir)
     if (out_dir / MANIFEST).exists() and not overwrite:
-        raise FileExistsError(f"{out_dir / MANIFEST} exists; pass --overwrite (overwrite=True from Python) to replace the split")
+        raise FileExistsError(f"{out_dir / MANIFEST} exists; pass --overwrite (overwrite=True from Python) to "
+                              "replace the split")
     sources = {"train": source} if test_source is None else {"train": source, "test": test_source}
     true_labels = {role: src.labels().numpy() for role, src in sources.items()}
     parts = assign_lt_split(true_labels["train"], num_classes=source.num_classes, n1=n1, rho_l=rho_l, m1=m1,
