@@ -98,3 +98,8 @@ def test_every_walkthrough_command_runs_as_written(user_checkout, small_image_fo
     expected = "  ".join(f"{names[i]} {p:.3f}" for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True))
     (line,) = outputs[5].splitlines()
     assert line.startswith("data/new_image.jpg") and line.split(None, 1)[1] == expected
+
+
+def test_readme_shows_the_walkthrough_verbatim():
+    readme = (REPO / "README.md").read_text()
+    assert (Path(__file__).parent / "walkthrough.md").read_text().strip() in readme
