@@ -227,7 +227,9 @@ class Monitor:
         log.info("refresh at step %d: max gain %.3g, P spread over %.1f effective pairs (T=%.3g); %.2f s "
                  "(eval %.2f, pseudo-labels %.2f, gain %.2f)", step, r.max_gain, support, r.temperature,
                  t["total"], t["eval"], t["pseudo_labels"], t["gain"])
-        self._narrow = self._narrow + 1 if support < NARROW_SUPPORT and not cfg.selmix.uniform else 0
+        # Under rule 'support' the spread of P is what the user set (target_support·K pairs): no warning.
+        watched = not cfg.selmix.uniform and cfg.selmix.temperature_rule != "support"
+        self._narrow = self._narrow + 1 if support < NARROW_SUPPORT and watched else 0
         if self._narrow == NARROW_REFRESHES and not self._warned_narrow:
             self._warned_narrow = True
             log.warning("P has stayed on fewer than %d effective class pairs for %d refreshes: with "
