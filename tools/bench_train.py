@@ -54,6 +54,7 @@ from helpers.feature_cache import write_feature_cache  # noqa: E402 - the writer
 
 SPLITS = ("labeled", "unlabeled", "val")
 LOADERS = ("memory", "mmap")
+REFRESH_EVERY = 50  # run.refresh_every: the bench advances trainer.step by this much between refreshes
 
 
 def split_labels(args) -> dict[str, torch.Tensor]:
@@ -111,7 +112,8 @@ def make_trainer(args, acc, data: TrainData, name: str) -> Trainer:
     """A trainer on `data` with the seeded head, after its first (warm-up) refresh and 3 warm-up steps."""
     cfg = load_config(None, [f"run.dir={args.work_dir}/{name}", "log.progress=false", "log.tensorboard=false",
                              "run.resume=never", "run.overwrite=true", f"model.init_head={args.work_dir}/head.pt",
-                             f"optim.batch_size={args.batch_size}", f"objective.name={args.objective}",
+                             f"run.refresh_every={REFRESH_EVERY}", f"optim.batch_size={args.batch_size}",
+                             f"objective.name={args.objective}",
                              f"data.eval_batch_size={args.eval_batch_size}",
                              f"selmix.setting={'semi' if args.unlabeled else 'supervised'}",
                              f"selmix.pseudo_label_every={args.pseudo_label_every}"])
@@ -148,7 +150,7 @@ def measure(args) -> dict[str, float | int | str]:
     trainer = make_trainer(args, acc, data, "run")
     refreshes = []
     for _ in range(args.refreshes):
-        trainer.step += trainer.cfg.run.refresh_every  # the next refresh is due as in a run (pseudo-label cadence)
+        trainer.step += REFRESH_EVERY  # the next refresh is due as in a run (pseudo-label cadence)
         refreshes.append(trainer.refresh().timings)
     step_s, step_cpu_s = timed_steps(trainer, args.steps)
     memory = dist.all_gather_cat(memory_mb())  # [world, 4], sampled while every rank is alive
@@ -168,12 +170,13 @@ def measure_paired(args) -> dict[str, float | int | str]:
     """Step time of both loaders in the same processes: `--rounds` rounds of `--steps` steps of each in turn,
     so that both see the same load on shared CPUs; medians over rounds (rank 0 returns the row)."""
     acc = dist.make_accelerator()
-    trainers = {loader: make_trainer(args, acc, open_data(args, loader), f"run-{loader}") for loader in LOADERS}
+    data = {loader: open_data(args, loader) for loader in LOADERS}
+    trainers = {loader: make_trainer(args, acc, data[loader], f"run-{loader}") for loader in LOADERS}
     laps: dict[str, list[tuple[float, float]]] = {loader: [] for loader in LOADERS}
     for _ in range(args.rounds):
         for loader, trainer in trainers.items():
             laps[loader].append(timed_steps(trainer, args.steps))
-    row = {**describe(args, trainers["mmap"].data), "loader": "paired", "rounds": args.rounds}
+    row = {**describe(args, data["mmap"]), "loader": "paired", "rounds": args.rounds}
     for loader in LOADERS:
         wall, cpu = torch.tensor(laps[loader]).median(0).values.tolist()
         row.update({f"step_ms_{loader}": 1e3 * wall, f"step_cpu_ms_{loader}": 1e3 * cpu})
