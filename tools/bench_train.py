@@ -5,6 +5,7 @@
     python tools/bench_train.py --loader memory          # the in-memory loading: a float32 copy per rank
     python tools/bench_train.py --procs 2 --dim 2048 --unlabeled 1280000 --cache /scratch/bigpool
     python tools/bench_train.py --classes 8142 --labeled 437513 --unlabeled 0 --val 24426 --dim 2048 --procs 1
+    python tools/bench_train.py --paired --rounds 9      # step time of both loaders, alternating in one process
     python tools/bench_train.py --json                   # one JSON object per row
 
 The splits are written once into a feature cache (`--cache`, reused when it is complete and has the same
@@ -14,18 +15,22 @@ validation balanced (unlabeled stored with label −1). Every world size then ru
 a plain subprocess; more: `accelerate launch`, gloo on CPU with ACCELERATE_USE_CPU=1, NCCL on GPUs) that
 open the cache (`--loader mmap`: memory-mapped reader; `memory`: `load_features`, a private float32 copy),
 run one warm-up refresh, `--refreshes` timed ones (consecutive, so `--pseudo-label-every` amortises as in a
-run), 3 warm-up and `--steps` timed training steps.
+run), 3 warm-up and `--steps` timed training steps. `--paired` times only steps, of both loaders in the same
+processes, in alternating blocks (what a step-time comparison needs on CPUs shared with other jobs).
 
-Columns: open (opening the splits, with checksum and inf/NaN scan), step, refresh and its parts (the keys of
-the trainer's refresh timings), refresh in steps, and per rank: peak RSS (max over ranks), RSS at the end
-split into private (anon) and file-backed pages (shared libraries and mapped cache pages, shared with the
-other ranks), and the node total of PSS (each shared page divided among the processes mapping it, summed
-over ranks: what the node really holds). load = 1-minute load average at the end (the CPUs are shared).
+Columns: open (opening the splits, with checksum and inf/NaN scan), step (wall clock), step_cpu (CPU time
+of the busiest rank per step: the work, less sensitive than the wall clock to other jobs on shared CPUs),
+refresh and its parts (the keys of the trainer's refresh timings), refresh in steps, and per rank: peak RSS
+(max over ranks), RSS at the end split into private (anon) and file-backed pages (shared libraries and
+mapped cache pages, shared with the other ranks), and the node total of PSS (each shared page divided among
+the processes mapping it, summed over ranks: what the node really holds). load = 1-minute load average at
+the end (the CPUs are shared).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -48,6 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers.feature_cache import write_feature_cache  # noqa: E402 - the writer shared with the tests
 
 SPLITS = ("labeled", "unlabeled", "val")
+LOADERS = ("memory", "mmap")
+REFRESH_EVERY = 50  # run.refresh_every: the bench advances trainer.step by this much between refreshes
 
 
 def split_labels(args) -> dict[str, torch.Tensor]:
@@ -79,10 +86,10 @@ def write_inputs(args, cache: Path, head_file: Path) -> None:
                             dtype=args.dtype)
 
 
-def open_data(args) -> TrainData:
+def open_data(args, loader: str) -> TrainData:
     sets = {}
     for split in SPLITS if args.unlabeled else ("labeled", "val"):
-        if args.loader == "mmap":
+        if loader == "mmap":
             reader = open_features(args.cache, split)
             sets[split] = FeatureSet(reader, reader.labels, split)
         else:
@@ -101,43 +108,57 @@ def memory_mb() -> torch.Tensor:
     return torch.tensor([[peak, status["RssAnon"], status["RssFile"], pss]], dtype=torch.float64) / 1024
 
 
-def measure(args) -> dict[str, float | int | str]:
-    """One rank's part of a row (rank 0 returns the row)."""
-    acc = dist.make_accelerator()
-    t0 = time.perf_counter()
-    data = open_data(args)
-    open_s = dist.all_reduce_max(torch.tensor([time.perf_counter() - t0])).item()
-    cfg = load_config(None, [f"run.dir={args.work_dir}/run", "log.progress=false", "log.tensorboard=false",
+def make_trainer(args, acc, data: TrainData, name: str) -> Trainer:
+    """A trainer on `data` with the seeded head, after its first (warm-up) refresh and 3 warm-up steps."""
+    cfg = load_config(None, [f"run.dir={args.work_dir}/{name}", "log.progress=false", "log.tensorboard=false",
                              "run.resume=never", "run.overwrite=true", f"model.init_head={args.work_dir}/head.pt",
-                             f"optim.batch_size={args.batch_size}", f"objective.name={args.objective}",
+                             f"run.refresh_every={REFRESH_EVERY}", f"optim.batch_size={args.batch_size}",
+                             f"objective.name={args.objective}",
                              f"data.eval_batch_size={args.eval_batch_size}",
                              f"selmix.setting={'semi' if args.unlabeled else 'supervised'}",
                              f"selmix.pseudo_label_every={args.pseudo_label_every}"])
     trainer = Trainer(cfg, data, accelerator=acc)
-    trainer.refresh()  # warm-up: allocations, first GEMMs, first touch of the mapped pages
+    trainer.refresh()  # allocations, first GEMMs, first touch of the mapped pages
+    timed_steps(trainer, 3)
+    return trainer
+
+
+def timed_steps(trainer: Trainer, steps: int) -> tuple[float, float]:
+    """Wall-clock and CPU seconds (the busiest rank's) per training step over `steps` steps."""
+    dist.barrier()
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        trainer.train_step()
+        trainer.step += 1
+    cpu = dist.all_reduce_max(torch.tensor([time.process_time() - cpu0])).item()
+    dist.barrier()
+    return (time.perf_counter() - t0) / steps, cpu / steps
+
+
+def describe(args, data: TrainData) -> dict[str, float | int | str]:
+    return {"procs": dist.world_info()[1], "dtype": args.dtype, "K": args.classes, "d": args.dim,
+            "N_lab": len(data.labeled), "N_unl": 0 if data.partners is None else len(data.partners),
+            "N_val": len(data.val), "pseudo_every": args.pseudo_label_every}
+
+
+def measure(args) -> dict[str, float | int | str]:
+    """One rank's part of a row (rank 0 returns the row)."""
+    acc = dist.make_accelerator()
+    t0 = time.perf_counter()
+    data = open_data(args, args.loader)
+    open_s = dist.all_reduce_max(torch.tensor([time.perf_counter() - t0])).item()
+    trainer = make_trainer(args, acc, data, "run")
     refreshes = []
     for _ in range(args.refreshes):
-        trainer.step += cfg.run.refresh_every  # the next refresh is due as in a run (pseudo-label cadence)
+        trainer.step += REFRESH_EVERY  # the next refresh is due as in a run (pseudo-label cadence)
         refreshes.append(trainer.refresh().timings)
-    for _ in range(3):
-        trainer.train_step()
-        trainer.step += 1
-    dist.barrier()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        trainer.train_step()
-        trainer.step += 1
-    dist.barrier()
-    step_s = (time.perf_counter() - t0) / args.steps
+    step_s, step_cpu_s = timed_steps(trainer, args.steps)
     memory = dist.all_gather_cat(memory_mb())  # [world, 4], sampled while every rank is alive
-    _, world = dist.world_info()
+    row = {**describe(args, data), "loader": args.loader}
     trainer.close()
     timings = {key: sum(r[key] for r in refreshes) / len(refreshes) for key in refreshes[0]}
-    row = {"procs": world, "loader": args.loader, "dtype": args.dtype, "K": args.classes, "d": args.dim,
-           "N_lab": len(data.labeled), "N_unl": 0 if data.partners is None else len(data.partners),
-           "N_val": len(data.val),
-           "pseudo_every": args.pseudo_label_every, "open_s": open_s, "step_ms": 1e3 * step_s,
-           "refresh_s": timings.pop("total"), **{f"{key}_s": v for key, v in timings.items()}}
+    row.update({"open_s": open_s, "step_ms": 1e3 * step_s, "step_cpu_ms": 1e3 * step_cpu_s,
+                "refresh_s": timings.pop("total"), **{f"{key}_s": v for key, v in timings.items()}})
     row["refresh_in_steps"] = row["refresh_s"] / step_s
     peak, anon, file, _ = memory.max(0).values.tolist()  # the largest rank
     row.update(peak_rss_mb=peak, rss_anon_mb=anon, rss_file_mb=file, pss_node_mb=float(memory[:, 3].sum()),
@@ -145,10 +166,35 @@ def measure(args) -> dict[str, float | int | str]:
     return row
 
 
+def measure_paired(args) -> dict[str, float | int | str]:
+    """Step time of both loaders in the same processes: `--rounds` rounds of `--steps` steps of each in turn,
+    so that both see the same load on shared CPUs; medians over rounds (rank 0 returns the row)."""
+    acc = dist.make_accelerator()
+    data = {loader: open_data(args, loader) for loader in LOADERS}
+    trainers = {loader: make_trainer(args, acc, data[loader], f"run-{loader}") for loader in LOADERS}
+    laps: dict[str, list[tuple[float, float]]] = {loader: [] for loader in LOADERS}
+    for _ in range(args.rounds):
+        for loader, trainer in trainers.items():
+            laps[loader].append(timed_steps(trainer, args.steps))
+    row = {**describe(args, data["mmap"]), "loader": "paired", "rounds": args.rounds}
+    for loader in LOADERS:
+        wall, cpu = torch.tensor(laps[loader]).median(0).values.tolist()
+        row.update({f"step_ms_{loader}": 1e3 * wall, f"step_cpu_ms_{loader}": 1e3 * cpu})
+    row["mmap_over_memory"] = row["step_ms_mmap"] / row["step_ms_memory"]
+    row["mmap_over_memory_cpu"] = row["step_cpu_ms_mmap"] / row["step_cpu_ms_memory"]
+    row["load"] = os.getloadavg()[0]
+    last = trainers.pop("mmap")
+    trainers.clear()  # the other trainer goes first; the last one tears the process group down
+    gc.collect()
+    last.close()
+    return row
+
+
 def worker_argv(args) -> list[str]:
     return [__file__, "--classes", str(args.classes), "--dim", str(args.dim), "--labeled", str(args.labeled),
             "--unlabeled", str(args.unlabeled), "--val", str(args.val), "--dtype", args.dtype,
-            "--loader", args.loader, "--batch-size", str(args.batch_size),
+            "--loader", args.loader, "--rounds", str(args.rounds), *(["--paired"] if args.paired else []),
+            "--batch-size", str(args.batch_size),
             "--eval-batch-size", str(args.eval_batch_size), "--objective", args.objective,
             "--steps", str(args.steps), "--refreshes", str(args.refreshes),
             "--pseudo-label-every", str(args.pseudo_label_every), "--cache", str(args.cache),
@@ -186,7 +232,7 @@ def main() -> int:
     p.add_argument("--unlabeled", type=int, default=300000, help="0: supervised setting (partners = labeled)")
     p.add_argument("--val", type=int, default=20000)
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored feature dtype")
-    p.add_argument("--loader", choices=["mmap", "memory"], default="mmap",
+    p.add_argument("--loader", choices=LOADERS, default="mmap",
                    help="mmap: open_features (memory-mapped); memory: load_features (a float32 copy per rank)")
     p.add_argument("--cache", type=Path, default=None,
                    help="feature-cache directory (written if absent, reused if complete; default: temporary)")
@@ -197,14 +243,17 @@ def main() -> int:
     p.add_argument("--refreshes", type=int, default=2, help="timed refreshes (after one warm-up)")
     p.add_argument("--pseudo-label-every", type=int, default=1, help="selmix.pseudo_label_every")
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="world sizes to measure")
+    p.add_argument("--paired", action="store_true",
+                   help="step time only, of both loaders in the same processes (alternating blocks of --steps)")
+    p.add_argument("--rounds", type=int, default=5, help="--paired: blocks per loader (median)")
     p.add_argument("--json", action="store_true", help="one JSON object per row")
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     p.add_argument("--work-dir", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if min(args.procs) < 1 or min(args.classes, args.dim, args.labeled, args.val, args.steps, args.refreshes) < 1:
-        p.error("--procs, --classes, --dim, --labeled, --val, --steps and --refreshes must be >= 1")
+    if min(*args.procs, args.classes, args.dim, args.labeled, args.val, args.steps, args.refreshes, args.rounds) < 1:
+        p.error("--procs, --classes, --dim, --labeled, --val, --steps, --refreshes and --rounds must be >= 1")
     if args.worker_out:  # a rank of one measurement
-        row = measure(args)
+        row = measure_paired(args) if args.paired else measure(args)
         if dist.is_main_process():
             Path(args.worker_out).write_text(json.dumps(row))
         return 0
