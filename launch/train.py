@@ -84,11 +84,12 @@ def run(argv: list[str]) -> int:
         print()
         print(objectives_help())
         return 0
+    from selmix_dist.report import report_finished_run
     from selmix_dist.train.entry import train
 
     cfg = load_config(args.config, args.overrides)
     preemption.requeue_enabled = cfg.run.requeue
-    train(cfg, preemption)
+    report_finished_run(cfg.run.dir, train(cfg, preemption))
     return 0
 
 

@@ -365,3 +365,27 @@ def write_report(run_dir: str | Path) -> dict:
     atomic.write_text(run_dir / "report.csv", buf.getvalue())
     atomic.write_text(run_dir / "report.md", _markdown(run_dir, meta, summary, rows))
     return report
+
+
+def report_finished_run(run_dir: str | Path, summary: dict) -> Path | None:
+    """After `train()`: write the report of a run that finished (rank 0), add its files to the run's manifest,
+    and return report.md. A failure is logged and leaves the finished run as it is (returns None)."""
+    import logging
+
+    from selmix_dist import distributed as dist
+    from selmix_dist.train.rundir import RunDir
+
+    if summary["stopped_by"] not in ("completed", "early_stop") or not dist.is_main_process():
+        return None
+    log = logging.getLogger("selmix_dist.report")
+    try:
+        write_report(run_dir)
+    except Exception as err:  # plotting or a malformed file must not fail a finished run
+        log.warning("the run is complete, but its report could not be written: %s (retry: python tools/report.py "
+                    "%s)", err, run_dir)
+        return None
+    run = RunDir(run_dir)
+    run.manifest()
+    run.record(*[run / name for name in OUTPUTS if (run / name).exists()])
+    log.info("report: %s", run / "report.md")
+    return run / "report.md"

@@ -21,6 +21,7 @@ from selmix_dist.data.sources import ArraySource
 from selmix_dist.data.splits import load_split, make_lt_split
 from selmix_dist.features.backbones import build_backbone
 from selmix_dist.features.cache import extract_features
+from selmix_dist.report import report_finished_run
 from selmix_dist.train.config import load_config
 from selmix_dist.train.entry import train
 
@@ -73,7 +74,7 @@ def run(argv: list[str]) -> int:
     cfg = load_config(REPO / "configs" / "demo_digits.yaml",
                       [f"run.dir={out / 'selmix_min_recall'}", f"data.features={cache}",
                        f"data.split_dir={split_dir}", *args.overrides])
-    train(cfg)
+    report_finished_run(cfg.run.dir, train(cfg))
     run_dir = Path(cfg.run.dir)
     table = [line for line in (run_dir / "report.md").read_text().splitlines() if line.startswith("|")]
     print("\nbefore = first evaluation (starting head), after = last evaluation (SelMix head)")

@@ -1,8 +1,9 @@
-"""`train(cfg)`: the pipeline of one run — signals, threads, data, trainer, report.
+"""`train(cfg)`: the pipeline of one run — signals, threads, data, trainer.
 
-    config → features (cached or online) → Trainer (resume or start head) → loop → checkpoint → report
+    config → features (cached or online) → Trainer (resume or start head) → loop → checkpoint
 
-The report is written after the run is complete and its failure never fails or alters a finished run.
+The report is the caller's next step (`selmix_dist.report.report_finished_run`, as launch/train.py does):
+training never depends on it, and its failure never fails or alters a finished run.
 """
 
 from __future__ import annotations
@@ -54,20 +55,4 @@ def train(cfg: Config, preemption: Preemption | None = None) -> dict[str, Any]:
         acc.end_training()  # no barrier here: the other ranks may not be coming
         raise
     trainer.close()
-    if summary["stopped_by"] in ("completed", "early_stop") and dist.is_main_process():
-        write_report_safely(trainer)
     return summary
-
-
-def write_report_safely(trainer: Trainer) -> None:
-    """report.{json,csv,md} and plots; a failure is logged, the finished run stays as it is."""
-    from selmix_dist.report import OUTPUTS, write_report
-
-    try:
-        write_report(trainer.run_dir.root)
-    except Exception as err:  # plotting or a malformed file must not fail a finished run
-        log.warning("the run is complete, but its report could not be written: %s (retry: python tools/report.py "
-                    "%s)", err, trainer.run_dir.root)
-        return
-    trainer.run_dir.record(*[trainer.run_dir / name for name in OUTPUTS if (trainer.run_dir / name).exists()])
-    log.info("report: %s", trainer.run_dir / "report.md")

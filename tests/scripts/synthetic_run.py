@@ -21,8 +21,8 @@ import torch
 from selmix_dist import distributed as dist
 from selmix_dist.data.synthetic import class_means, gaussian_features, long_tailed_class_counts
 from selmix_dist.features.sets import FeatureSet, TrainData
+from selmix_dist.report import report_finished_run
 from selmix_dist.train.config import load_config
-from selmix_dist.train.entry import write_report_safely
 from selmix_dist.train.monitor import setup_logging
 from selmix_dist.train.preemption import Preemption
 from selmix_dist.train.trainer import Trainer
@@ -96,8 +96,7 @@ def main() -> None:
                     "world_size": dist.world_info()[1], "weight": head.weight.detach().clone(),
                     "bias": head.bias.detach().clone()}, os.path.join(args.run_dir, "final_head.pt"))
     trainer.close()
-    if summary["stopped_by"] in ("completed", "early_stop") and dist.is_main_process():
-        write_report_safely(trainer)  # what the entry point does after a finished run
+    report_finished_run(args.run_dir, summary)  # what launch/train.py does after train()
 
 
 if __name__ == "__main__":
