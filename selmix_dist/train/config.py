@@ -84,8 +84,12 @@ class SelMixConfig:
     temperature: float = doc("T of P = softmax(G / T) (inverse temperature s = 1/T); see temperature_rule.", 0.1)
     temperature_rule: str = doc("'absolute' (P = softmax(G / T), the release), 'relative' (G / (T·max|G|), "
                                 "scale-free; method doc §3.8.5) or 'support' (T solved at every refresh so that P's "
-                                "effective number of pairs exp(H(P)) is target_support·K).", "absolute")
-    target_support: float = doc("Rule 'support': effective number of pairs of P as a multiple of K.", 1.0)
+                                "effective number of pairs exp(H(P)) is target_support·K). Default 'support': a fixed T "
+                                "collapses P onto one pair when the backbone or image size changes the feature norm "
+                                "(README, 'Defaults that hold').", "support")
+    target_support: float = doc("Rule 'support': effective number of pairs of P as a multiple of K (0.25: chosen "
+                                "on validation of CIFAR-10-LT at 64 and 128 px and Tiny-ImageNet-LT at 128 px).",
+                                0.25)
     eps: float = doc("ε added to every entry of P before renormalising.", 1e-8)
     positive_only: bool = doc("Keep only pairs with positive gain (uniform if none).", True)
     uniform: bool = doc("Ignore the gain and draw pairs uniformly (the plain-mixup baseline).", False)
@@ -224,9 +228,8 @@ def _is_int(text: str) -> bool:
 
 
 def _apply(cfg: Config, key: str, value: Any, origin: str) -> None:
-    if key == "selmix.relative_temperature":  # before temperature_rule existed
-        if _coerce(key, value, False):
-            cfg.selmix.temperature_rule = "relative"
+    if key == "selmix.relative_temperature":  # before temperature_rule existed: true/false meant these rules
+        cfg.selmix.temperature_rule = "relative" if _coerce(key, value, False) else "absolute"
         return
     parts = key.split(".")
     sections = [f.name for f in dataclasses.fields(Config)]

@@ -199,7 +199,8 @@ def test_signal_during_setup_exits_cleanly_and_requeues(tmp_path):
 
 def test_a_collapsed_p_is_reported_once(tmp_path):
     """T far below the gain's scale puts P on one pair at every refresh: one warning, naming the way out."""
-    proc = ok(run_script(tmp_path / "cold", "selmix.temperature=1e-9", "run.steps=50"))
+    proc = ok(run_script(tmp_path / "cold", "selmix.temperature_rule=absolute", "selmix.temperature=1e-9",
+                         "run.steps=50"))
     assert proc.stderr.count("P has stayed on fewer than 4 effective class pairs") == 1
     assert "selmix.temperature_rule=support" in proc.stderr
     proc = ok(run_script(tmp_path / "support", "selmix.temperature_rule=support", "run.steps=50"))
