@@ -6,7 +6,8 @@ base SelMix method's entry with ``selmix.temperature_rule``, ``selmix.temperatur
 and ``optim.lr`` set in its ``trainer`` keys), so the runner trains it from the experiment's start head and
 stores it like any other method. Per variant the table gives validation min recall / H-mean / mean recall,
 the effective number of class pairs exp(H(P)) of P at the last refresh (from ``distribution_last.pt`` of the
-run directory), max|G| at that refresh and the seconds; above it the mean squared feature norm E‖x‖² of the
+run directory) and its minimum / median over all refreshes (the run's TensorBoard scalar), max|G| at the last
+refresh and the seconds; above it the mean squared feature norm E‖x‖² of the
 split (labeled, unlabeled and validation rows), on which the gain G and the SGD step size both scale.
 
     python tools/study_defaults.py --experiment configs/experiments/tiny_imagenet_lt.yaml \\
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -61,7 +63,9 @@ def variant_entry(spec: ExperimentSpec, base: str, rule: str, value: float, lr: 
         raise ValueError(f"{spec.path}: --bases: '{base}' is not a method of kind 'trainer'; methods: "
                          f"{[n for n, m in spec.methods.items() if m.kind == 'trainer']}")
     s = spec.methods[base].settings
-    trainer = {**s.trainer, "selmix.temperature_rule": rule, RULES[rule]: value, "optim.lr": lr}
+    # TensorBoard on: the monitor's selmix/effective_support scalar gives P's support at every refresh
+    trainer = {**s.trainer, "selmix.temperature_rule": rule, RULES[rule]: value, "optim.lr": lr,
+               "log.tensorboard": True}
     return {"kind": "trainer", "label": f"{base} {rule}={value:g} lr={lr:g}", "start": s.start,
             "objective": s.objective, "params": dict(s.params), "trainer": trainer}
 
@@ -74,6 +78,17 @@ def last_refresh(run_dir: Path) -> dict[str, float]:
     snap = torch.load(path, map_location="cpu", weights_only=True)
     return {"step": int(snap["step"]), "pairs": effective_support(snap["P"]),
             "max_abs_gain": float(snap["G"].abs().max())}
+
+
+def support_history(run_dir: Path) -> list[float]:
+    """P's effective pairs at every refresh, in step order (the run's selmix/effective_support scalar)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(run_dir) / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    if "selmix/effective_support" not in events.Tags()["scalars"]:
+        raise FileNotFoundError(f"{run_dir}/tb has no selmix/effective_support scalar (log.tensorboard off?)")
+    return [e.value for e in sorted(events.Scalars("selmix/effective_support"), key=lambda e: e.step)]
 
 
 def mean_squared_norm(x: torch.Tensor) -> float:
@@ -110,9 +125,12 @@ def study(spec_path: str, overrides: list[str], bases: list[str], rules: list[tu
     rows = []
     for record in result["records"]:
         base, rule, value, lr = variants[record["method"]]
-        refresh = last_refresh(out / "runs" / f"seed{seed}" / f"rho_u{rho_u:g}" / record["method"])
+        run_dir = out / "runs" / f"seed{seed}" / f"rho_u{rho_u:g}" / record["method"]
+        history = support_history(run_dir)
         rows.append({"base": base, "rule": rule, "value": value, "lr": lr, "seconds": record["seconds"],
-                     **{m: record["val"][m] for m in COLUMNS}, **refresh})
+                     **{m: record["val"][m] for m in COLUMNS}, **last_refresh(run_dir),
+                     "pairs_min": min(history), "pairs_median": statistics.median(history),
+                     "refreshes_below_2": sum(v < 2.0 for v in history), "refreshes": len(history)})
     return {"experiment": spec.name, "features": f"{spec.features.tag}-{spec.features.image_size}",
             "num_classes": len(result["class_names"]), "seed": seed, "rho_u": rho_u,
             "steps": spec.trainer.get("run.steps"), "overrides": overrides,
@@ -123,11 +141,14 @@ def table(s: dict) -> str:
     k = s["num_classes"]
     lines = [f"{s['experiment']} {s['features']}, seed {s['seed']}, ρ_u = {s['rho_u']:g}, {s['steps']} steps; "
              f"K = {k}, E‖x‖² = {s['mean_sq_norm']:.1f}. Validation only.", "",
-             "| method | rule | value | lr | val min recall | val H-mean | val mean recall | pairs of P (/K) "
-             "| max\\|G\\| | s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | rule | value | lr | val min recall | val H-mean | val mean recall "
+             "| pairs of P at the end (/K) "
+             "| pairs min / median over refreshes | refreshes with < 2 pairs | max\\|G\\| at the end | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in s["rows"]:
         lines.append(f"| {r['base']} | {r['rule']} | {r['value']:g} | {r['lr']:g} | {r['min_recall']:.4f} "
                      f"| {r['h_mean']:.4f} | {r['mean_recall']:.4f} | {r['pairs']:.1f} ({r['pairs'] / k:.2f}) "
+                     f"| {r['pairs_min']:.1f} / {r['pairs_median']:.1f} | {r['refreshes_below_2']}/{r['refreshes']} "
                      f"| {r['max_abs_gain']:.3g} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 

@@ -78,12 +78,16 @@ def test_toy_study_support_rule_ends_on_its_target(study, toy_raw, toy_data_dir,
     from selmix_dist.experiments.data import load_experiment_features
 
     load_experiment_features(load_spec(path), tmp_path / "cache", toy_data_dir, log=lambda _line: None)
-    s = study.study(str(path), [], ["sm"], [("support", 0.5), ("absolute", 0.1)], [1e-3], seed=0, rho_u=4.0,
+    s = study.study(str(path), [], ["sm"], [("support", 0.75), ("absolute", 0.1)], [1e-3], seed=0, rho_u=4.0,
                     out=tmp_path / "out", cache=tmp_path / "cache", data_dir=toy_data_dir)
-    assert [(r["rule"], r["value"]) for r in s["rows"]] == [("support", 0.5), ("absolute", 0.1)]
+    assert [(r["rule"], r["value"]) for r in s["rows"]] == [("support", 0.75), ("absolute", 0.1)]
     k = s["num_classes"]
     support = s["rows"][0]
-    assert k == 4 and support["step"] in (10, 20) and support["pairs"] == pytest.approx(0.5 * k, rel=1e-3)
+    assert k == 4 and support["step"] in (10, 20) and support["pairs"] == pytest.approx(0.75 * k, rel=1e-3)
+    # every refresh (steps 0, 10[, 20]) solved T for the same target
+    assert support["refreshes"] == support["step"] // 10 + 1 and support["refreshes_below_2"] == 0
+    assert support["pairs_min"] == pytest.approx(0.75 * k, rel=1e-3)
+    assert support["pairs_median"] == pytest.approx(0.75 * k, rel=1e-3)
     assert all(1.0 <= r["pairs"] <= k * k and 0.0 <= r["min_recall"] <= 1.0 for r in s["rows"])
     assert s["mean_sq_norm"] > 0 and math.isfinite(s["mean_sq_norm"])
-    assert "| sm | support | 0.5 |" in study.table(s)
+    assert "| sm | support | 0.75 |" in study.table(s)
