@@ -84,8 +84,8 @@ class SelMixConfig:
     temperature: float = doc("T of P = softmax(G / T) (inverse temperature s = 1/T); see temperature_rule.", 0.1)
     temperature_rule: str = doc("'absolute' (P = softmax(G / T), the release), 'relative' (G / (T·max|G|), "
                                 "scale-free; method doc §3.8.5) or 'support' (T solved at every refresh so that P's "
-                                "effective number of pairs exp(H(P)) is target_support·K). Default 'support': a fixed T "
-                                "collapses P onto one pair when the backbone or image size changes the feature norm "
+                                "effective number of pairs exp(H(P)) is target_support·K). Default 'support': a fixed "
+                                "T collapses P onto one pair when the backbone or image size changes the feature norm "
                                 "(README, 'Defaults that hold').", "support")
     target_support: float = doc("Rule 'support': effective number of pairs of P as a multiple of K (0.25: chosen "
                                 "on validation of CIFAR-10-LT at 64 and 128 px and Tiny-ImageNet-LT at 128 px).",
