@@ -257,3 +257,22 @@ def test_auto_resume_refuses_when_no_checkpoint_is_usable(reference_run, tmp_pat
     proc = run_script(run_dir)
     assert proc.returncode != 0 and "none is usable" in proc.stderr
     assert _tree_digest(run_dir) == before
+
+
+@pytest.mark.slow
+def test_start_head_is_one_head_under_both_launchers_and_any_thread_count(tmp_path):
+    """The self-trained start head (float32 SGD: thread-count sensitive) is fitted with a fixed thread count."""
+    base = [str(SCRIPT), *COMMON, "run.steps=0", "model.init_head=fixmatch_la", "model.init_head_steps=40"]
+    heads = []
+    for name, threads, launcher in (("py1", "1", []), ("py2", "2", []),
+                                    ("acc", "1", [str(ACCELERATE), "launch", "--cpu", "--num_processes", "1",
+                                                  "--mixed_precision", "no", "--dynamo_backend", "no"])):
+        run_dir = tmp_path / name
+        cmd = [*launcher, *base] if launcher else [sys.executable, *base]
+        cmd.insert(len(launcher) + (0 if launcher else 1) + 1, str(run_dir))
+        proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": threads}, cwd=REPO, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        heads.append(torch.load(run_dir / "init_head.pt", weights_only=True))
+    for other in heads[1:]:
+        assert torch.equal(heads[0]["weight"], other["weight"]) and torch.equal(heads[0]["bias"], other["bias"])
