@@ -118,9 +118,14 @@ def make_trainer(args, acc, data: TrainData, name: str) -> Trainer:
                              f"selmix.setting={'semi' if args.unlabeled else 'supervised'}",
                              f"selmix.pseudo_label_every={args.pseudo_label_every}"])
     trainer = Trainer(cfg, data, accelerator=acc)
-    trainer.refresh()  # allocations, first GEMMs, first touch of the mapped pages
+    refresh(trainer)  # allocations, first GEMMs, first touch of the mapped pages
     timed_steps(trainer, 3)
     return trainer
+
+
+def refresh(trainer: Trainer):
+    """One refresh at the trainer's step, never interrupted (what the loop runs every run.refresh_every steps)."""
+    return trainer.refresher.refresh(trainer.plain_head(), trainer.step, lambda: False)
 
 
 def timed_steps(trainer: Trainer, steps: int) -> tuple[float, float]:
@@ -128,8 +133,7 @@ def timed_steps(trainer: Trainer, steps: int) -> tuple[float, float]:
     dist.barrier()
     t0, cpu0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
-        trainer.train_step()
-        trainer.step += 1
+        trainer.train_step()  # advances trainer.step
     cpu = dist.all_reduce_max(torch.tensor([time.process_time() - cpu0])).item()
     dist.barrier()
     return (time.perf_counter() - t0) / steps, cpu / steps
@@ -151,7 +155,7 @@ def measure(args) -> dict[str, float | int | str]:
     refreshes = []
     for _ in range(args.refreshes):
         trainer.step += REFRESH_EVERY  # the next refresh is due as in a run (pseudo-label cadence)
-        refreshes.append(trainer.refresh().timings)
+        refreshes.append(refresh(trainer).timings)
     step_s, step_cpu_s = timed_steps(trainer, args.steps)
     memory = dist.all_gather_cat(memory_mb())  # [world, 4], sampled while every rank is alive
     row = {**describe(args, data), "loader": args.loader}
