@@ -50,7 +50,9 @@ def summary_rows(records: Sequence[dict], methods: dict[str, dict], rho_u: float
             continue
         seconds = mean_std([r["seconds"] for r in mine])[0]
         row = {"method": meta["label"], "seeds": len(mine), "seconds": f"{seconds:.{0 if seconds >= 10 else 1}f}"}
-        row.update({m: format_mean_std([r[split][m] for r in mine]) for m in METRICS})
+        # coverages are ~1/K: two decimals keep them readable at K = 200
+        row.update({m: format_mean_std([r[split][m] for r in mine], digits=2 if m == "min_coverage" else 1)
+                    for m in METRICS})
         rows.append(row)
     return rows
 
