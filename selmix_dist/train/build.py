@@ -70,6 +70,17 @@ def build_head_and_optimizer(trainer: Trainer, given: torch.nn.Linear | None):
     return head, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
+def backbone_record(cfg) -> dict:
+    """What produced the features: the cache's key (model, weights sha256, transform, dtype) and backbone spec in
+    mode 'features', the configured model in mode 'online' (stored in best.pt so that a head names its backbone)."""
+    if cfg.model.mode == "online":
+        return {"model": cfg.model.backbone, "weights": cfg.model.weights, "image_size": cfg.model.image_size}
+    from selmix_dist.features.cache import read_manifest
+
+    manifest = read_manifest(cfg.data.features)
+    return {**manifest["key"], "spec": manifest.get("backbone")}
+
+
 def write_run_files(trainer: Trainer) -> None:
     """config.yaml (what runs now) and meta.json (what the report and the exported model need)."""
     data, run_dir = trainer.data, trainer.run_dir

