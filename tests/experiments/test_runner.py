@@ -135,4 +135,5 @@ def test_tool_runs_an_experiment_file_and_prints_its_tables(toy_raw, toy_data_di
     result = json.loads((tmp_path / "out" / "results.json").read_text())
     assert result["experiment"]["methods"]["st"]["steps"] == 3 and len(result["records"]) == 2
     bad = subprocess.run([*cmd[:4], "--set", "split.n2=1"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "error: " in bad.stderr and "unknown key 'split.n2' (did you mean 'split.n1'?)" in bad.stderr
+    assert bad.returncode == 2
+    assert "error: " in bad.stderr and "unknown key 'split.n2' (did you mean 'split.n1'?)" in bad.stderr
