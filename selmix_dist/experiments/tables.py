@@ -90,8 +90,9 @@ def comparison_lines(records: Sequence[dict], methods: dict[str, dict], rho_u: f
             gap, spread = mine[0] - others[best][0], max(mine[1], others[best][1])
             side = "above" if gap >= 0 else "below"
             text += (f"; {100 * abs(gap):.1f} points {side} the best baseline ({methods[best]['label']}, "
-                     f"{100 * others[best][0]:.1f} ± {100 * others[best][1]:.1f}), "
-                     + ("within one std" if abs(gap) <= spread else "more than one std"))
+                     f"{100 * others[best][0]:.1f} ± {100 * others[best][1]:.1f})")
+            if len(_select(records, name, rho_u)) > 1:   # one seed has no spread to compare with
+                text += ", within one std" if abs(gap) <= spread else ", more than one std"
         alpha = meta.get("coverage_alpha")
         if alpha is not None:
             cov, target = _stats(records, name, rho_u, "min_coverage")[0], alpha / num_classes

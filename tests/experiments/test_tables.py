@@ -77,3 +77,5 @@ def test_comparison_line_numbers_and_verdicts():
     (line,) = comparison_lines(better, META, 100.0, num_classes=10)
     assert "25.0 points above the best baseline (Base, 65.0 ± 0.0), more than one std" in line
     assert comparison_lines(records(), META, 1.0, num_classes=10) == []   # no compared method at ρ_u = 1
+    (line,) = comparison_lines([r for r in records() if r["seed"] == 0], META, 100.0, num_classes=10)
+    assert line.endswith("(Base, 65.0 ± 0.0); min coverage 9.00 against the constraint ≥ 9.50: not met on average.")
