@@ -32,7 +32,6 @@ class RefreshRecord:
     counts: torch.Tensor                 # int64[K, K] validation confusion counts
     result: Refresh                      # C, prototypes, ψ', G, P, T
     partner_labels: torch.Tensor         # int32[N2] (−1: no label)
-    pseudo_labelled: bool                # whether this refresh ran the pseudo-labelling pass
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -92,7 +91,7 @@ class Refresher:
         self._commit(step, result.distribution, labels)
         lap("sampler")
         timings["total"] = sum(timings.values())
-        return RefreshRecord(step, val.counts, result, labels, pseudo, timings)
+        return RefreshRecord(step, val.counts, result, labels, timings)
 
     def _commit(self, step: int, distribution: torch.Tensor, partner_labels: torch.Tensor) -> None:
         self.step, self.distribution, self.partner_labels = step, distribution, partner_labels
