@@ -5,8 +5,10 @@ method entry of that kind may set, each documented and validated). Adding a base
 function; the runner and the tables never name a kind.
 
 Start heads: a kind with a ``start`` setting receives a copy of that method's head (``ctx.start(s)``), so
-the experiment file states every start-head rule (e.g. SelMix starts from the FixMatch-LA analogue, which
-starts from the LA head).
+the experiment file states every start-head rule (e.g. the FixMatch-LA analogue starts from the LA head).
+``start`` may list several methods: the one whose head scores best on validation, on the metric the method
+is compared on, is used (``heads.start.choose_by_validation``, the trainer's ``model.init_head=auto`` rule),
+and its name goes into the result's ``info``.
 """
 
 from __future__ import annotations
@@ -136,6 +138,7 @@ class MethodContext:
     run_dir: Path
     starts: dict[str, nn.Linear]
     session: TrainerSession
+    start_metric: str = "mean_recall"
     info: dict = field(default_factory=dict)
 
     @property
@@ -143,13 +146,28 @@ class MethodContext:
         return self.data.num_classes
 
     def start(self, settings: Any) -> nn.Linear:
-        """A copy of the head named by ``settings.start``."""
-        return copy.deepcopy(self.starts[settings.start])
+        """A copy of the head named by ``settings.start``; of several, the best on validation ``start_metric``."""
+        names = start_names(settings)
+        if len(names) == 1:
+            return copy.deepcopy(self.starts[names[0]])
+        from selmix_dist.heads.start import choose_by_validation
+
+        name, scores = choose_by_validation({n: self.starts[n] for n in names}, self.rows.xv, self.rows.yv,
+                                            self.start_metric, self.head_mask)
+        self.info.update(start=name, start_val=scores)
+        return copy.deepcopy(self.starts[name])
+
+
+def start_names(settings: Any) -> list[str]:
+    """The methods a method starts from: none, one (``start: la``) or candidates (``start: [la, fixmatch_la]``)."""
+    start = getattr(settings, "start", "")
+    return list(start) if isinstance(start, list) else [start] if start else []
 
 
 # ----------------------------------------------------------------------------------------------- settings
 def _start_field() -> Any:
-    return doc("Method whose (final) head this one starts from.")
+    return doc("Method whose (final) head this one starts from, or a list of methods: the one whose head is best "
+               "on validation (on the metric this method is compared on) is used.")
 
 
 @dataclass
@@ -162,13 +180,13 @@ class FitHeadSettings:
 
 @dataclass
 class PosthocSettings:
-    start: str = _start_field()
+    start: str | list[str] = _start_field()
     tau: float = doc("The bias is shifted by −τ log π (π: labeled class frequencies).", 1.0)
 
 
 @dataclass
 class SelfTrainSettings:
-    start: str = _start_field()
+    start: str | list[str] = _start_field()
     steps: int = doc("FixMatch-LA steps (threshold 0.95, λ_u = 1, μ = 2, batch 64).", 2000)
     lr: float = doc("Learning rate (Nesterov 0.9, schedule cos(7πt/16T)).", 3e-3)
     weight_decay: float = doc("Weight decay on the weight matrix.", 5e-4)
@@ -176,7 +194,7 @@ class SelfTrainSettings:
 
 @dataclass
 class ObjectiveSettings:
-    start: str = _start_field()
+    start: str | list[str] = _start_field()
     objective: str = doc("Objective (selmix_dist.core.OBJECTIVES).", "mean_recall")
     params: dict = doc("Objective parameters; unset ones take the library defaults (the release's values).",
                        default_factory=dict)
@@ -206,7 +224,7 @@ class CrtSettings:
 
 @dataclass
 class TauNormSettings:
-    start: str = _start_field()
+    start: str | list[str] = _start_field()
     taus: list[float] = doc("Candidate τ, the best by `metric` on validation is kept.",
                             default_factory=lambda: [round(0.1 * i, 1) for i in range(21)])
     metric: str = doc("Validation metric that chooses τ.", "mean_recall")
@@ -214,7 +232,7 @@ class TauNormSettings:
 
 @dataclass
 class LwsSettings:
-    start: str = _start_field()
+    start: str | list[str] = _start_field()
     steps: int = doc("SGD steps on class-balanced batches (Nesterov 0.9, cosine).", 2000)
     batch_size: int = doc("Batch size.", 256)
     lr: float = doc("Learning rate of the scales.", 1e-2)

@@ -36,6 +36,7 @@ from selmix_dist.experiments.methods import (
     TrainerSession,
     all_rows,
     method_meta,
+    start_names,
     trainer_overrides,
 )
 from selmix_dist.experiments.spec import ExperimentSpec, spec_dict
@@ -63,8 +64,7 @@ def with_starts(spec: ExperimentSpec, names: Sequence[str]) -> list[str]:
     def visit(name: str) -> None:
         if name in order:
             return
-        start = getattr(spec.methods[name].settings, "start", "")
-        if start:
+        for start in start_names(spec.methods[name].settings):
             visit(start)
         order.append(name)
 
@@ -76,8 +76,7 @@ def with_starts(spec: ExperimentSpec, names: Sequence[str]) -> list[str]:
 def uses_unlabeled(spec: ExperimentSpec, name: str) -> bool:
     """Whether the method's head depends on the unlabeled set, itself or through its start head."""
     m = spec.methods[name]
-    start = getattr(m.settings, "start", "")
-    return KINDS[m.kind].uses_unlabeled or (bool(start) and uses_unlabeled(spec, start))
+    return KINDS[m.kind].uses_unlabeled or any(uses_unlabeled(spec, s) for s in start_names(m.settings))
 
 
 def result_keys(spec: ExperimentSpec, subset: Subset, seed: int, rho_u: float, names: Sequence[str]) -> dict[str, str]:
@@ -89,9 +88,9 @@ def result_keys(spec: ExperimentSpec, subset: Subset, seed: int, rho_u: float, n
     for name in names:
         m = spec.methods[name]
         start = getattr(m.settings, "start", "")
+        start_key = [keys[s] for s in start] if isinstance(start, list) else keys[start] if start else None
         keys[name] = digest({**data, "rho_u": rho_u if uses_unlabeled(spec, name) else None, "kind": m.kind,
-                             "settings": KINDS[m.kind].resolve(m.settings, spec.trainer),
-                             "start": keys[start] if start else None})
+                             "settings": KINDS[m.kind].resolve(m.settings, spec.trainer), "start": start_key})
     return keys
 
 
@@ -240,13 +239,11 @@ def _compute(spec: ExperimentSpec, name: str, unit: SplitRun, store: ResultStore
              runs: Path) -> dict:
     """Run one method, evaluate it on validation and test, store its head and record; return the record."""
     m = spec.methods[name]
-    start = getattr(m.settings, "start", "")
-    starts = {}
-    if start:
-        starts[start] = unit.heads[start] if start in unit.heads else \
-            store.head(start, unit.seed, unit.where(spec, start), unit.keys[start])
+    starts = {s: unit.heads[s] if s in unit.heads else store.head(s, unit.seed, unit.where(spec, s), unit.keys[s])
+              for s in start_names(m.settings)}
     ctx = MethodContext(data=unit.data, rows=unit.rows, seed=unit.seed, head_mask=unit.head_mask,
                         experiment_trainer=spec.trainer, starts=starts, session=session,
+                        start_metric=KINDS[m.kind].compared_on(m.settings, spec.trainer) or "mean_recall",
                         run_dir=runs / f"seed{unit.seed}" / f"rho_u{unit.rho_u:g}" / name)
     t0 = time.perf_counter()
     head = KINDS[m.kind].run(ctx, m.settings)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from selmix_dist.experiments.methods import KINDS, trainer_overrides
+from selmix_dist.experiments.methods import KINDS, start_names, trainer_overrides
 from selmix_dist.train.config import _closest, _coerce, doc, load_config
 
 
@@ -104,8 +105,11 @@ _NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 
 def _typed(key: str, value: Any, hint: Any) -> Any:
-    """``value`` coerced to ``hint`` (a scalar type, dict, or list of a scalar type) by the trainer config's
-    rules (`_coerce`)."""
+    """``value`` coerced to ``hint`` (a scalar type, dict, list of a scalar type, or `scalar | list[scalar]`)
+    by the trainer config's rules (`_coerce`)."""
+    if typing.get_origin(hint) is types.UnionType:     # `str | list[str]`: a list stays a list
+        one, many = sorted(typing.get_args(hint), key=lambda h: typing.get_origin(h) is list)
+        return _typed(key, value, many if isinstance(value, list) else one)
     if typing.get_origin(hint) is list:
         values = value if isinstance(value, list) else [value]
         return [_typed(f"{key}[{i}]", v, typing.get_args(hint)[0]) for i, v in enumerate(values)]
@@ -149,18 +153,19 @@ def _method(name: str, raw: Any, where: str) -> MethodSpec:
 
 
 def _check_starts(methods: dict[str, MethodSpec], where: str) -> None:
-    """Every ``start`` names another method, and following starts never loops."""
-    for name, m in methods.items():
-        chain = [name]
-        while getattr(m.settings, "start", ""):
-            start = m.settings.start
+    """Every ``start`` names other methods, and following starts never loops."""
+    def visit(name: str, chain: list[str]) -> None:
+        for start in start_names(methods[name].settings):
             if start not in methods:
-                raise ValueError(f"{where}: methods.{m.name}.start: unknown method '{start}'"
+                raise ValueError(f"{where}: methods.{name}.start: unknown method '{start}'"
                                  f"{_closest(start, list(methods))}")
             if start in chain:
-                raise ValueError(f"{where}: methods.{name}: start heads form a loop {' → '.join([*chain, start])}")
-            chain.append(start)
-            m = methods[start]
+                raise ValueError(f"{where}: methods.{chain[0]}: start heads form a loop "
+                                 f"{' → '.join([*chain, start])}")
+            visit(start, [*chain, start])
+
+    for name in methods:
+        visit(name, [name])
 
 
 def _set(raw: dict, key: str, value: Any) -> None:

@@ -67,6 +67,29 @@ def _stats(records: Sequence[dict], method: str, rho_u: float, metric: str) -> t
     return mean_std([r["test"][metric] for r in mine]) if mine else None
 
 
+def _start_stats(records: Sequence[dict], method: str, start: str | list[str] | None, rho_u: float,
+                 metric: str) -> tuple[float, float] | None:
+    """Test `metric` of the method's start head over seeds; for a start chosen among several methods, each
+    seed's chosen one (the record's ``info["start"]``)."""
+    if not start:
+        return None
+    if isinstance(start, str):
+        return _stats(records, start, rho_u, metric)
+    values = []
+    for r in _select(records, method, rho_u):
+        chosen = [s for s in _select(records, r["info"]["start"], rho_u) if s["seed"] == r["seed"]]
+        if not chosen:
+            return None
+        values.append(chosen[0]["test"][metric])
+    return mean_std(values) if values else None
+
+
+def _start_label(methods: dict[str, dict], start: str | list[str]) -> str:
+    if isinstance(start, str):
+        return methods[start]["label"]
+    return "the better on validation of " + " / ".join(methods.get(s, {}).get("label", s) for s in start)
+
+
 def comparison_lines(records: Sequence[dict], methods: dict[str, dict], rho_u: float, num_classes: int) -> list[str]:
     """One sentence per compared method: its own test metric against its start head and against the best
     method that is not compared (a baseline), with whether the gap exceeds one std; for a per-class coverage
@@ -80,10 +103,10 @@ def comparison_lines(records: Sequence[dict], methods: dict[str, dict], rho_u: f
             continue
         what = METRIC_NAMES.get(metric, metric)
         text = f"- ρ_u={rho_u:g}, {meta['label']}: test {what} {100 * mine[0]:.1f} ± {100 * mine[1]:.1f}"
-        start = _stats(records, meta["start"], rho_u, metric) if meta.get("start") else None
+        start = _start_stats(records, name, meta.get("start"), rho_u, metric)
         if start is not None:
             text += (f", {100 * (mine[0] - start[0]):+.1f} points over its start "
-                     f"({methods[meta['start']]['label']}, {100 * start[0]:.1f})")
+                     f"({_start_label(methods, meta['start'])}, {100 * start[0]:.1f})")
         others = {b: _stats(records, b, rho_u, metric) for b in baselines}
         if others:
             best = max(others, key=lambda b: others[b][0])

@@ -10,7 +10,7 @@ import torch
 from selmix_dist import distributed as dist
 from selmix_dist.core.schedule import LrSchedule
 from selmix_dist.heads._inputs import param_groups
-from selmix_dist.heads.start import FITTED, fit_start_head, read_head, zero_head
+from selmix_dist.heads.start import AUTO, FITTED, auto_start_head, fit_start_head, read_head, zero_head
 from selmix_dist.train.config import config_yaml
 
 if TYPE_CHECKING:
@@ -43,21 +43,36 @@ def start_head(trainer: Trainer, given: torch.nn.Linear | None) -> torch.nn.Line
     spec = cfg.model.init_head
     if spec == "zeros":
         return zero_head(d, k)
-    if spec not in FITTED:
+    if spec not in (*FITTED, AUTO):
         return read_head(spec, d, k)
     cached = trainer.run_dir / "init_head.pt"
     if trainer.run_dir.main and not cached.exists():
-        lab = data.labeled
-        log.info("fitting the start head (model.init_head=%s) on %d labeled features", spec, len(lab))
-        unlabeled = None
-        if spec == "fixmatch_la":
-            unlabeled = data.partners.take(torch.arange(len(data.partners)))
-        head = fit_start_head(spec, lab.take(torch.arange(len(lab))), lab.labels, k, unlabeled=unlabeled,
-                              weight_decay=cfg.optim.weight_decay, steps=cfg.model.init_head_steps,
-                              seed=cfg.run.seed)
+        head = _fit_start(trainer, spec)
         trainer.run_dir.torch_save(head.state_dict(), cached)
     dist.barrier()
     return read_head(cached, d, k)
+
+
+def _fit_start(trainer: Trainer, spec: str) -> torch.nn.Linear:
+    """model.init_head ∈ FITTED or 'auto', fitted on this rank (the other ranks read the cached file)."""
+    cfg, data, k = trainer.cfg, trainer.data, trainer.k
+    lab = data.labeled
+    labeled = lab.take(torch.arange(len(lab)))
+    # Partners are the unlabeled split in 'semi'; 'supervised' has no unlabeled data to self-train on.
+    unlabeled = None
+    if spec == "fixmatch_la" or (spec == AUTO and cfg.selmix.setting == "semi"):
+        unlabeled = data.partners.take(torch.arange(len(data.partners)))
+    fit = {"weight_decay": cfg.optim.weight_decay, "steps": cfg.model.init_head_steps, "seed": cfg.run.seed}
+    log.info("fitting the start head (model.init_head=%s) on %d labeled features", spec, len(lab))
+    if spec != AUTO:
+        return fit_start_head(spec, labeled, lab.labels, k, unlabeled=unlabeled, **fit)
+    metric = trainer.objective.target_metric
+    val = (data.val.take(torch.arange(len(data.val))), data.val.labels)
+    name, head, scores = auto_start_head(labeled, lab.labels, k, unlabeled=unlabeled, val=val, metric=metric,
+                                         head_mask=trainer.evaluator.head_mask, **fit)
+    log.info("start head chosen on validation %s: %s (%s)", metric, name,
+             ", ".join(f"{n} {v:.4f}" for n, v in scores.items()))
+    return head
 
 
 def build_head_and_optimizer(trainer: Trainer, given: torch.nn.Linear | None):

@@ -43,6 +43,22 @@ def run(spec, tmp_path, data_dir, **kw):
                           log=lambda _line: None, **kw)
 
 
+def test_a_start_listing_several_methods_takes_the_best_on_validation(toy_raw, toy_data_dir, tmp_path,
+                                                                     counting_kind):
+    """start: [erm, st] — per (seed, ρ_u) the head with the higher validation mean recall (the metric of a
+    method compared on none), read here from the candidates' own records; its name and scores go into info."""
+    toy_raw["methods"]["pick"] = {"kind": counting_kind, "start": ["erm", "st"]}
+    result = run(parse_spec(toy_raw, "toy.yaml"), tmp_path, toy_data_dir)
+    by = {(r["method"], r["seed"], r["rho_u"]): r for r in result["records"]}
+    picks = [r for r in result["records"] if r["method"] == "pick"]
+    assert len(picks) == 4
+    for r in picks:
+        val = {n: by[(n, r["seed"], r["rho_u"])]["val"]["mean_recall"] for n in ("erm", "st")}
+        assert r["info"]["start_val"] == pytest.approx(val)
+        assert r["info"]["start"] == max(val, key=val.get)
+        assert r["test"] == by[(r["info"]["start"], r["seed"], r["rho_u"])]["test"]   # the chosen head itself
+
+
 def test_results_are_stored_as_they_complete_and_reused(toy_raw, toy_data_dir, tmp_path, counting_kind):
     toy_raw["methods"]["count"] = {"kind": counting_kind, "start": "st"}
     spec = parse_spec(toy_raw, "toy.yaml")

@@ -24,17 +24,19 @@ def test_cifar_experiment_holds_todays_protocol_and_hyper_parameters():
     assert len(spec.methods) == 14
     selmix = spec.methods["selmix_min_recall"].settings
     cfg = trainer_config(selmix, spec.trainer)
-    assert (cfg.run.steps, cfg.optim.lr, cfg.selmix.temperature, cfg.optim.batch_size) == (3000, 3e-3, 0.1, 64)
+    assert (cfg.run.steps, cfg.optim.lr, cfg.optim.batch_size) == (3000, 3e-3, 64)
+    # the library's temperature rule (README "Defaults that hold"), not a pinned one
+    assert (cfg.selmix.temperature_rule, cfg.selmix.target_support) == ("support", 0.25)
     assert cfg.objective.name == "min_recall" and cfg.objective.active() == {"beta": 0.0, "omega": 50.0}
     assert trainer_config(spec.methods["mixup"].settings, spec.trainer).selmix.uniform is True
     csst = spec.methods["csst_mean_recall_min_coverage"].settings
     assert (csst.lr, csst.steps, csst.params["update"], csst.params["omega"]) == (1e-4, 3000, "dual", 1.0)
     fixmatch = spec.methods["fixmatch_la"].settings
     assert (fixmatch.start, fixmatch.steps, fixmatch.lr) == ("la", 2000, 3e-3)
-    # every fine-tuned method starts from the FixMatch-LA analogue
+    # every fine-tuned method starts from the LA head or the FixMatch-LA analogue, chosen on validation
     for name, m in spec.methods.items():
         if m.kind in ("trainer", "csst"):
-            assert m.settings.start == "fixmatch_la", name
+            assert m.settings.start == ["la", "fixmatch_la"], name
 
 
 def test_tiny_experiment_adds_decoupling_and_min_head_tail():
@@ -69,6 +71,10 @@ def test_every_key_and_setting_is_documented():
     (lambda r: r["methods"]["st"].update(start="er"),
      "methods.st.start: unknown method 'er' (did you mean 'erm'?)"),
     (lambda r: r["methods"].update(a={"kind": "posthoc", "start": "b"}, b={"kind": "posthoc", "start": "a"}),
+     "methods.a: start heads form a loop a → b → a"),
+    (lambda r: r["methods"]["st"].update(start=["erm", "tau"]),
+     "methods.st.start: unknown method 'tau' (did you mean 'tau_norm'?)"),
+    (lambda r: r["methods"].update(a={"kind": "posthoc", "start": ["erm", "b"]}, b={"kind": "posthoc", "start": "a"}),
      "methods.a: start heads form a loop a → b → a"),
     (lambda r: r.update(trainer={"optim.lrr": 0.1}), "trainer: command line: unknown config key 'optim.lrr' "
                                                      "(did you mean 'optim.lr'?)"),

@@ -79,3 +79,13 @@ def test_comparison_line_numbers_and_verdicts():
     assert comparison_lines(records(), META, 1.0, num_classes=10) == []   # no compared method at ρ_u = 1
     (line,) = comparison_lines([r for r in records() if r["seed"] == 0], META, 100.0, num_classes=10)
     assert line.endswith("(Base, 65.0 ± 0.0); min coverage 9.00 against the constraint ≥ 9.50: not met on average.")
+
+
+def test_a_start_chosen_per_seed_is_compared_seed_by_seed():
+    """start: [start, base] — each seed's record names the chosen one; the line averages those heads' metric:
+    seeds 0, 1 chose 'start' (0.2), seed 2 'base' (0.65) → (0.2 + 0.2 + 0.65) / 3 = 35.0; Sel 60.0 → +25.0."""
+    meta = {**META, "sel": META["sel"] | {"start": ["start", "base"]}}
+    recs = [r | {"info": {"start": "base" if r["seed"] == 2 else "start"}} if r["method"] == "sel" else r
+            for r in records()]
+    (line,) = comparison_lines(recs, meta, 100.0, num_classes=10)
+    assert "+25.0 points over its start (the better on validation of Start / Base, 35.0)" in line

@@ -1,11 +1,14 @@
-"""The start head: one seed gives one head whatever the caller's thread count or launcher."""
+"""The start head: one seed gives one head whatever the caller's thread count or launcher; the choice
+between candidate heads on validation."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+from torch import nn
 
 from selmix_dist.heads.selftrain import self_train_head
-from selmix_dist.heads.start import fit_start_head, read_head, zero_head
+from selmix_dist.heads.start import auto_start_head, choose_by_validation, fit_start_head, read_head, zero_head
 
 
 def _data():
@@ -41,9 +44,63 @@ def test_read_head_accepts_state_dicts_and_checkpoints(tmp_path):
     torch.save({"head": head.state_dict(), "step": 5}, tmp_path / "c.pt")
     for name in ("h.pt", "c.pt"):
         assert torch.equal(read_head(tmp_path / name, 4, 3).weight, head.weight)
-    import pytest
-
     with pytest.raises(ValueError, match="does not fit a Linear"):
         read_head(tmp_path / "h.pt", 5, 3)
     with pytest.raises(ValueError, match="neither one of"):
         read_head(tmp_path / "missing.pt", 4, 3)
+
+
+def _recalls(head: nn.Linear, x: torch.Tensor, y: torch.Tensor, k: int) -> list[float]:
+    """Per-class recall by counting, sample by sample."""
+    with torch.no_grad():
+        pred = (x @ head.weight.T + head.bias).argmax(dim=1)
+    return [sum(int(p == c) for p, t in zip(pred.tolist(), y.tolist(), strict=True) if t == c)
+            / sum(int(t == c) for t in y.tolist()) for c in range(k)]
+
+
+def _head_predicting(predictions: list[int], k: int) -> nn.Linear:
+    """On one-hot inputs e_i, a head whose argmax for sample i is predictions[i]."""
+    head = zero_head(len(predictions), k)
+    with torch.no_grad():
+        head.weight[torch.tensor(predictions), torch.arange(len(predictions))] = 1.0
+    return head
+
+
+def test_choose_by_validation_follows_the_metric():
+    """Hand case: head a has recalls (1, 1, 0), head b (0.5, 0.5, 0.5); mean recall prefers a, min recall b."""
+    x, y = torch.eye(6), torch.tensor([0, 0, 1, 1, 2, 2])
+    heads = {"a": _head_predicting([0, 0, 1, 1, 0, 0], 3), "b": _head_predicting([0, 1, 1, 0, 2, 0], 3)}
+    mask = torch.tensor([True, False, False])
+    name, scores = choose_by_validation(heads, x, y, "mean_recall", mask)
+    assert name == "a" and scores == pytest.approx({"a": 2 / 3, "b": 0.5})
+    name, scores = choose_by_validation(heads, x, y, "min_recall", mask)
+    assert name == "b" and scores == pytest.approx({"a": 0.0, "b": 0.5})
+    # a tie keeps the first listed
+    same = {"first": heads["b"], "second": heads["b"]}
+    assert choose_by_validation(same, x, y, "min_recall", mask)[0] == "first"
+
+
+def test_auto_start_head_keeps_the_better_of_la_and_its_self_training():
+    """The candidates are exactly fit_start_head('la') and fit_start_head('fixmatch_la'); the one returned has
+    the higher validation min recall counted by hand; without unlabeled data only the LA head competes."""
+    g = torch.Generator().manual_seed(1)
+    means = 2.5 * torch.randn(5, 32, generator=g)
+    counts = [200, 80, 30, 10, 4]
+    y = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    x = means[y] + 5.0 * torch.randn(len(y), 32, generator=g)
+    u = means[torch.randint(0, 5, (600,), generator=g)] + 5.0 * torch.randn(600, 32, generator=g)
+    yv = torch.arange(5).repeat_interleave(40)
+    xv = means[yv] + 5.0 * torch.randn(len(yv), 32, generator=g)
+    fit = {"weight_decay": 5e-4, "steps": 60, "seed": 0}
+    la = fit_start_head("la", x, y, 5, unlabeled=None, **fit)
+    fixmatch = fit_start_head("fixmatch_la", x, y, 5, unlabeled=u, **fit)
+    expected = {"la": min(_recalls(la, xv, yv, 5)), "fixmatch_la": min(_recalls(fixmatch, xv, yv, 5))}
+    assert expected["la"] != expected["fixmatch_la"]     # the choice matters on this data
+    mask = torch.tensor([True, True, False, False, False])
+    name, head, scores = auto_start_head(x, y, 5, unlabeled=u, val=(xv, yv), metric="min_recall", head_mask=mask,
+                                         **fit)
+    assert scores == pytest.approx(expected) and name == max(expected, key=expected.get)
+    assert torch.equal(head.weight, {"la": la, "fixmatch_la": fixmatch}[name].weight)
+    name, head, scores = auto_start_head(x, y, 5, unlabeled=None, val=(xv, yv), metric="min_recall",
+                                         head_mask=mask, **fit)
+    assert name == "la" and list(scores) == ["la"] and torch.equal(head.weight, la.weight)

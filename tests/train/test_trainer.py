@@ -276,3 +276,43 @@ def test_start_head_is_one_head_under_both_launchers_and_any_thread_count(tmp_pa
         heads.append(torch.load(run_dir / "init_head.pt", weights_only=True))
     for other in heads[1:]:
         assert torch.equal(heads[0]["weight"], other["weight"]) and torch.equal(heads[0]["bias"], other["bias"])
+
+
+def test_auto_start_head_is_the_better_candidate_on_validation(tmp_path, caplog):
+    """model.init_head=auto (the default) in 'semi': the LA head or its FixMatch-LA self-training, whichever has
+    the higher validation target metric (counted by hand here; on this data min recall and mean recall disagree);
+    'supervised' keeps the LA head."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from synthetic_run import synthetic_data
+
+    from selmix_dist.heads.start import fit_start_head
+    from selmix_dist.train.config import load_config
+    from selmix_dist.train.trainer import Trainer
+
+    data = synthetic_data(6, dim=4)
+    x, y = data.labeled.features, data.labeled.labels
+    fit = {"weight_decay": 5e-4, "steps": 300, "seed": 3}
+    candidates = {"la": fit_start_head("la", x, y, 6, unlabeled=None, **fit),
+                  "fixmatch_la": fit_start_head("fixmatch_la", x, y, 6, unlabeled=data.partners.features, **fit)}
+
+    def recalls(head) -> list[float]:
+        pred = (data.val.features @ head.weight.T + head.bias).argmax(dim=1)
+        return [float((pred[data.val.labels == c] == c).double().mean()) for c in range(6)]
+
+    metric = {"min_recall": lambda r: min(r), "mean_recall": lambda r: sum(r) / len(r)}
+    best = {m: max(candidates, key=lambda n, m=m: metric[m](recalls(candidates[n]))) for m in metric}
+    assert best["min_recall"] != best["mean_recall"]
+    for setting, objective, expected in (("semi", "min_recall", best["min_recall"]),
+                                         ("semi", "mean_recall", best["mean_recall"]),
+                                         ("supervised", "min_recall", "la")):
+        run_dir = tmp_path / f"{setting}-{objective}"
+        cfg = load_config(None, [f"run.dir={run_dir}", "run.steps=0", f"objective.name={objective}",
+                                 "model.init_head_steps=300", "run.seed=3", "optim.weight_decay=5e-4",
+                                 f"selmix.setting={setting}", "log.progress=false"])
+        assert cfg.model.init_head == "auto"
+        caplog.clear()
+        with caplog.at_level("INFO", logger="selmix_dist"):
+            Trainer(cfg, data).close()
+        start = torch.load(run_dir / "init_head.pt", weights_only=True)
+        assert torch.equal(start["weight"], candidates[expected].weight.detach())
+        assert f"start head chosen on validation {objective}: {expected}" in caplog.text
