@@ -13,7 +13,8 @@ key; default a temporary directory) by the library's own writer, from seeded Gau
 an ImageNet-LT-like long-tailed profile (1280 → 5 per class, scaled to `--labeled`), unlabeled and
 validation balanced (unlabeled stored with label −1). Every world size then runs in fresh processes (one:
 a plain subprocess; more: `accelerate launch`, gloo on CPU with ACCELERATE_USE_CPU=1, NCCL on GPUs) that
-open the cache (`--loader mmap`: memory-mapped reader; `memory`: `load_features`, a private float32 copy),
+open the cache (`--loader reader`: the trainer's reader, rows read from the page cache on demand; `memory`:
+`load_features`, a private float32 copy),
 run one warm-up refresh, `--refreshes` timed ones (consecutive, so `--pseudo-label-every` amortises as in a
 run), 3 warm-up and `--steps` timed training steps. `--paired` times only steps, of both loaders in the same
 processes, in alternating blocks (what a step-time comparison needs on CPUs shared with other jobs).
@@ -21,17 +22,21 @@ processes, in alternating blocks (what a step-time comparison needs on CPUs shar
 Columns: open (opening the splits, with checksum and inf/NaN scan), step (wall clock), step_cpu (CPU time
 of the busiest rank per step: the work, less sensitive than the wall clock to other jobs on shared CPUs),
 refresh and its parts (the keys of the trainer's refresh timings), refresh in steps, and per rank: peak RSS
-(max over ranks), RSS at the end split into private (anon) and file-backed pages (shared libraries and
-mapped cache pages, shared with the other ranks), and the node total of PSS (each shared page divided among
-the processes mapping it, summed over ranks: what the node really holds). load = 1-minute load average at
-the end (the CPUs are shared).
+(max over ranks), RSS at the end split into private (anon) and file-backed pages (shared libraries; mapped
+cache pages with the memory loader's scan), the node total of PSS (each shared page divided among the
+processes mapping it, summed over ranks), the cache's pages in the page cache (read by the reader, one copy
+per node, in nobody's PSS) and node_total = PSS + those pages: what the node really holds for the run.
+load = 1-minute load average at the end (the CPUs are shared).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import gc
 import json
+import mmap
 import os
 import resource
 import subprocess
@@ -53,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers.feature_cache import write_feature_cache  # noqa: E402 - the writer shared with the tests
 
 SPLITS = ("labeled", "unlabeled", "val")
-LOADERS = ("memory", "mmap")
+LOADERS = ("memory", "reader")
 REFRESH_EVERY = 50  # run.refresh_every: the bench advances trainer.step by this much between refreshes
 
 
@@ -89,7 +94,7 @@ def write_inputs(args, cache: Path, head_file: Path) -> None:
 def open_data(args, loader: str) -> TrainData:
     sets = {}
     for split in SPLITS if args.unlabeled else ("labeled", "val"):
-        if loader == "mmap":
+        if loader == "reader":
             reader = open_features(args.cache, split)
             sets[split] = FeatureSet(reader, reader.labels, split)
         else:
@@ -106,6 +111,31 @@ def memory_mb() -> torch.Tensor:
               if line.startswith("Pss:"))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return torch.tensor([[peak, status["RssAnon"], status["RssFile"], pss]], dtype=torch.float64) / 1024
+
+
+def cache_resident_mb(cache: Path) -> float:
+    """MB of the cache's chunk files held in the page cache (one copy per node, shared by every rank and
+    counted in no process's PSS): mincore over a map of each file that is never touched."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    page, resident = os.sysconf("SC_PAGE_SIZE"), 0
+    for path in Path(cache).rglob("chunk-*.safetensors"):
+        size = path.stat().st_size
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                raise OSError(ctypes.get_errno(), f"mmap of {path} failed")
+            pages = (ctypes.c_ubyte * ((size + page - 1) // page))()
+            libc.mincore(addr, size, pages)
+            libc.munmap(addr, size)
+        finally:
+            os.close(fd)
+        resident += sum(b & 1 for b in pages) * page
+    return resident / 2**20
 
 
 def make_trainer(args, acc, data: TrainData, name: str) -> Trainer:
@@ -165,8 +195,11 @@ def measure(args) -> dict[str, float | int | str]:
                 "refresh_s": timings.pop("total"), **{f"{key}_s": v for key, v in timings.items()}})
     row["refresh_in_steps"] = row["refresh_s"] / step_s
     peak, anon, file, _ = memory.max(0).values.tolist()  # the largest rank
-    row.update(peak_rss_mb=peak, rss_anon_mb=anon, rss_file_mb=file, pss_node_mb=float(memory[:, 3].sum()),
-               load=os.getloadavg()[0])
+    row.update(peak_rss_mb=peak, rss_anon_mb=anon, rss_file_mb=file, pss_node_mb=float(memory[:, 3].sum()))
+    if dist.is_main_process():
+        row["cache_resident_mb"] = cache_resident_mb(args.cache)
+        row["node_total_mb"] = row["pss_node_mb"] + row["cache_resident_mb"]
+    row["load"] = os.getloadavg()[0]
     return row
 
 
@@ -180,14 +213,14 @@ def measure_paired(args) -> dict[str, float | int | str]:
     for _ in range(args.rounds):
         for loader, trainer in trainers.items():
             laps[loader].append(timed_steps(trainer, args.steps))
-    row = {**describe(args, data["mmap"]), "loader": "paired", "rounds": args.rounds}
+    row = {**describe(args, data["reader"]), "loader": "paired", "rounds": args.rounds}
     for loader in LOADERS:
         wall, cpu = torch.tensor(laps[loader]).median(0).values.tolist()
         row.update({f"step_ms_{loader}": 1e3 * wall, f"step_cpu_ms_{loader}": 1e3 * cpu})
-    row["mmap_over_memory"] = row["step_ms_mmap"] / row["step_ms_memory"]
-    row["mmap_over_memory_cpu"] = row["step_cpu_ms_mmap"] / row["step_cpu_ms_memory"]
+    row["reader_over_memory"] = row["step_ms_reader"] / row["step_ms_memory"]
+    row["reader_over_memory_cpu"] = row["step_cpu_ms_reader"] / row["step_cpu_ms_memory"]
     row["load"] = os.getloadavg()[0]
-    last = trainers.pop("mmap")
+    last = trainers.pop("reader")
     trainers.clear()  # the other trainer goes first; the last one tears the process group down
     gc.collect()
     last.close()
@@ -236,8 +269,9 @@ def main() -> int:
     p.add_argument("--unlabeled", type=int, default=300000, help="0: supervised setting (partners = labeled)")
     p.add_argument("--val", type=int, default=20000)
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored feature dtype")
-    p.add_argument("--loader", choices=LOADERS, default="mmap",
-                   help="mmap: open_features (memory-mapped); memory: load_features (a float32 copy per rank)")
+    p.add_argument("--loader", choices=LOADERS, default="reader",
+                   help="reader: open_features (reads from the page cache); memory: load_features (a float32 copy "
+                        "per rank)")
     p.add_argument("--cache", type=Path, default=None,
                    help="feature-cache directory (written if absent, reused if complete; default: temporary)")
     p.add_argument("--batch-size", type=int, default=256)

@@ -349,7 +349,7 @@ def selmix_trainer(ctx: MethodContext, s: TrainerSettings) -> nn.Linear:
     trainer = Trainer(cfg, ctx.data, accelerator=acc, init_head=ctx.start(s))
     trainer.run()
     ctx.session.finished(trainer)
-    return copy.deepcopy(acc.unwrap_model(trainer.head))
+    return copy.deepcopy(trainer.plain_head())
 
 
 @method_kind("csst", CsstSettings, uses_unlabeled=True, resolve=_objective_resolved, check=_objective_check)

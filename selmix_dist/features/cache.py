@@ -25,8 +25,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -182,13 +184,9 @@ def _tensor_sha256(features: torch.Tensor, labels: torch.Tensor, indices: torch.
     return digest.hexdigest()
 
 
-def _map_chunk(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Metadata and the three tensors of a chunk file, as views of a memory map of the file (no copy).
-
-    The map is private (MAP_PRIVATE): its pages are the page cache's, shared by every process that maps
-    the file, and a write to a view would copy the page instead of reaching the file. The file closes at
-    once; the map lives as long as a view does. FileNotFoundError / ValueError name the file.
-    """
+def _chunk_layout(path: Path) -> tuple[dict[str, str], dict[str, tuple[torch.dtype, tuple[int, ...], int]], int]:
+    """(metadata, {tensor name: (dtype, shape, byte offset in the file)}, file size) of a chunk file, from its
+    safetensors header. FileNotFoundError / ValueError name the file."""
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
@@ -213,6 +211,17 @@ def _map_chunk(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
         raise FileNotFoundError(f"feature chunk {path} is missing") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # JSON errors are ValueErrors
         raise ValueError(f"feature chunk {path} is unreadable (corrupt or truncated): {e!r}") from e
+    return meta, layout, size
+
+
+def _map_chunk(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Metadata and the three tensors of a chunk file, as views of a memory map of the file (no copy).
+
+    The map is private (MAP_PRIVATE): its pages are the page cache's, shared by every process that maps
+    the file, and a write to a view would copy the page instead of reaching the file. The file closes at
+    once; the map lives as long as a view does. FileNotFoundError / ValueError name the file.
+    """
+    meta, layout, size = _chunk_layout(path)
     storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
     tensors = {}
     for name, (dtype, shape, offset) in layout.items():
@@ -500,23 +509,28 @@ def _first_nonfinite_row(features: torch.Tensor) -> int | None:
 
 
 class CachedFeatures:
-    """One split of a feature cache, memory-mapped: rows are read from the chunk files on demand.
+    """One split of a feature cache, read from the chunk files on demand by positional reads (`pread`).
 
-    Features stay in the page cache as stored (float16 or float32), so the ranks of a node share one copy
-    and a process holds only the batches it takes (plus, counted in its RSS but not privately, the mapped
-    pages it has touched; the kernel reclaims them like any clean file page). `take(index)` converts to
+    Features stay in the page cache as stored (float16 or float32): the ranks of a node share that one
+    copy, and a process holds only the batches it reads. Reads rather than a memory map, because mapped
+    pages a process has touched count in its RSS (and in its PSS share) until the map goes, so that a rank
+    drawing partners from the whole pool would look as large as the pool. `take(index)` converts to
     float32 per batch. labels int64[N] (−1 = unlabeled) and indices int64[N] (source positions) are small
     and held in memory.
     """
 
-    def __init__(self, chunks: list[torch.Tensor], starts: list[int], labels: torch.Tensor,
-                 indices: torch.Tensor, num_features: int, name: str):
-        # numpy views of the mapped tensors (they keep the maps alive): cheaper per-chunk gathers than torch.
-        self._chunks = [c.numpy() for c in chunks]
-        self._starts = np.asarray(starts, dtype=np.int64)
+    def __init__(self, files: list[tuple[Path, int]], starts: list[int], labels: torch.Tensor,
+                 indices: torch.Tensor, num_features: int, dtype: torch.dtype, name: str):
+        """files: per chunk (path, byte offset of its features); starts: each chunk's first row."""
         self.labels, self.indices = labels, indices
-        self.num_features, self.name = num_features, name
-        self.dtype = chunks[0].dtype if chunks else torch.float32
+        self.num_features, self.dtype, self.name = num_features, dtype, name
+        self._paths = [path for path, _ in files]
+        self._offsets = np.asarray([offset for _, offset in files], dtype=np.int64)
+        self._starts = np.asarray(starts, dtype=np.int64)
+        self._np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+        self._row_bytes = num_features * self._np_dtype.itemsize
+        self._fds = [os.open(path, os.O_RDONLY) for path in self._paths]
+        weakref.finalize(self, _close_all, list(self._fds))
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -533,19 +547,38 @@ class CachedFeatures:
         if rows.min() < 0 or rows.max() >= len(self):
             bad = rows[(rows < 0) | (rows >= len(self))][0]
             raise IndexError(f"split {self.name!r}: row {bad} is outside [0, {len(self)})")
-        stored = np.empty((len(rows), self.num_features), dtype=self._chunks[0].dtype)
-        chunk = np.searchsorted(self._starts, rows, side="right") - 1
-        order = np.argsort(chunk, kind="stable")
-        for pos in np.split(order, np.flatnonzero(np.diff(chunk[order])) + 1):  # rows of one chunk at a time
-            c = chunk[pos[0]]
-            stored[pos] = self._chunks[c][rows[pos] - self._starts[c]]
+        unique, inverse = np.unique(rows, return_inverse=True)
+        stored = np.empty((len(unique), self.num_features), dtype=self._np_dtype)
+        chunk = np.searchsorted(self._starts, unique, side="right") - 1
+        # One read per run of consecutive rows inside a chunk: a pass over a split is a few large reads, a
+        # random batch one small read per row.
+        cuts = np.flatnonzero((np.diff(unique) != 1) | (np.diff(chunk) != 0)) + 1
+        for a, b in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(unique)].tolist(), strict=True):
+            c = chunk[a]
+            offset = int(self._offsets[c] + (unique[a] - self._starts[c]) * self._row_bytes)
+            self._read_into(c, memoryview(stored[a:b]).cast("B"), offset)
         # One conversion of the whole batch: torch's is vectorised, numpy's float16 cast is 3x slower.
-        return torch.from_numpy(stored).to(torch.float32)
+        out = torch.from_numpy(stored).to(torch.float32)
+        return out if len(unique) == len(rows) and bool((unique == rows).all()) else out[torch.from_numpy(inverse)]
+
+    def _read_into(self, chunk: int, buffer: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(buffer):   # a regular file may still return short reads (signals, > 2 GB)
+            n = os.preadv(self._fds[chunk], [buffer[done:]], offset + done)
+            if n == 0:
+                raise ValueError(f"feature chunk {self._paths[chunk]} ended early (truncated after it was "
+                                 "opened?)")
+            done += n
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def open_features(cache_dir: str | Path, split: str, *, key: CacheKey | None = None,
                   split_sha256: str | None = None, verify: bool = True) -> CachedFeatures:
-    """The cached split as a memory-mapped `CachedFeatures` reader (no copy of the features).
+    """The cached split as a `CachedFeatures` reader (no copy of the features; rows are read on demand).
 
     key / split_sha256: when given, the cache must have been built with exactly these (ValueError
     listing the differing fields otherwise). Every chunk is scanned once, through a map that is dropped
@@ -559,7 +592,7 @@ def open_features(cache_dir: str | Path, split: str, *, key: CacheKey | None = N
     labels = torch.empty(n, dtype=torch.int64)
     indices = torch.empty(n, dtype=torch.int64)
     meta_base = {"key_digest": manifest["key_digest"], "split": split, "split_sha256": entry["split_sha256"]}
-    chunks, starts, covered = [], [], 0
+    files, starts, covered, dtype = [], [], 0, torch.float32
     for c in entry["chunks"]:
         path = cache_dir / split / c["file"]
         a, b = c["start"], c["stop"]
@@ -578,15 +611,15 @@ def open_features(cache_dir: str | Path, split: str, *, key: CacheKey | None = N
             raise ValueError(f"split {split!r} of feature cache {cache_dir}: row {a + bad} has non-finite "
                              f"features (chunk {path})")
         labels[a:b], indices[a:b] = scanned["labels"], scanned["indices"]
-        # Unmap the scanned pages (they stay in the page cache, not in this process) and map the file again
-        # for reading: the process then holds only the pages its batches touch.
+        dtype = scanned["features"].dtype
+        # Unmap the scanned pages (they stay in the page cache, not in this process); rows are read later.
         del scanned
-        chunks.append(_read_chunk(path, expect, verify=False)["features"])
+        files.append((path, _chunk_layout(path)[1]["features"][2]))
         starts.append(a)
         covered = b
     if covered != n:
         raise ValueError(f"feature cache {cache_dir}: the chunks of split {split!r} do not tile [0, {n})")
-    return CachedFeatures(chunks, starts, labels, indices, d, split)
+    return CachedFeatures(files, starts, labels, indices, d, dtype, split)
 
 
 def load_features(cache_dir: str | Path, split: str, *, key: CacheKey | None = None,

@@ -20,6 +20,7 @@ from selmix_dist.core import PairSampler
 from selmix_dist.core.objectives import Objective
 from selmix_dist.core.refresh import Refresh, RefreshSettings, selmix_refresh
 from selmix_dist.features.sets import FeatureSet
+from selmix_dist.memory import release_freed_memory
 from selmix_dist.train.config import Config
 from selmix_dist.train.evaluator import Evaluator, Poll
 
@@ -89,6 +90,7 @@ class Refresher:
         result.distribution = dist.broadcast_tensor(result.distribution)
         lap("broadcast")
         self._commit(step, result.distribution, labels)
+        release_freed_memory()   # the passes' buffers, which glibc would otherwise keep in this rank's heap
         lap("sampler")
         timings["total"] = sum(timings.values())
         return RefreshRecord(step, val.counts, result, labels, timings)

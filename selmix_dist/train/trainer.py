@@ -25,6 +25,7 @@ from selmix_dist.core import GainConvergence, build_objective, head_tail_masks
 from selmix_dist.core.rng import generator
 from selmix_dist.features.sets import FeatureSet, TrainData
 from selmix_dist.heads.start import read_head
+from selmix_dist.memory import map_large_blocks
 from selmix_dist.train.build import backbone_record, build_head_and_optimizer, check_data, write_run_files
 from selmix_dist.train.checkpointer import Checkpointer, NonFiniteStateError
 from selmix_dist.train.config import Config, flatten
@@ -49,6 +50,7 @@ class Trainer:
                  hooks: Sequence[Callable[[Trainer], None]] = (), preemption: Preemption | None = None):
         self.cfg, self.data, self.hooks = cfg, data, list(hooks)
         check_data(cfg, data)
+        map_large_blocks()  # the passes' large buffers must not settle in this rank's heap (selmix_dist.memory)
         self.acc = accelerator or dist.make_accelerator()
         self.rank, self.world = dist.world_info()
         self.k = data.num_classes
@@ -88,7 +90,7 @@ class Trainer:
         return {"num_classes": self.k, "num_features": self.data.labeled.num_features}
 
     def plain_head(self) -> torch.nn.Linear:
-        return self.acc.unwrap_model(self.head)
+        return dist.unwrap(self.acc, self.head)
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> dict[str, Any]:

@@ -1,12 +1,13 @@
 """Run the trainer on a seeded synthetic long-tailed feature set (used by the trainer tests).
 
     python tests/scripts/synthetic_run.py RUN_DIR [--kill-at STEP] [--signal-at STEP] [--dump-refresh FILE]
-        [--slow-val SECONDS] [section.key=value ...]
+        [--slow-val SECONDS] [--cache DIR] [section.key=value ...]
 Works under `accelerate launch` too. --kill-at sends SIGKILL to this process right after that training
 step (a crash at an arbitrary step); --signal-at sends SIGUSR1 (what SLURM sends before the time limit);
 --dump-refresh runs only the first refresh and saves what it decided (per rank); --slow-val makes every
-validation batch take that long (a long refresh, to signal into). Faults enter through the trainer's
-public hooks, never by replacing its methods.
+validation batch take that long (a long refresh, to signal into); --cache reads the same rows from a
+feature cache that `write_synthetic_cache` wrote (the trainer's reader instead of in-memory tensors).
+Faults enter through the trainer's public hooks, never by replacing its methods.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from selmix_dist import distributed as dist
 from selmix_dist.data.synthetic import class_means, gaussian_features, long_tailed_class_counts
+from selmix_dist.features.cache import open_features
 from selmix_dist.features.sets import FeatureSet, TrainData
 from selmix_dist.report import report_finished_run
 from selmix_dist.train.config import load_config
@@ -36,6 +38,29 @@ def synthetic_data(num_classes: int = 6, dim: int = 16, seed: int = 0) -> TrainD
     test = gaussian_features(torch.full((num_classes,), 40), means, seed, "test", noise=1.5)
     return TrainData(labeled=FeatureSet(*lab, "labeled"), partners=FeatureSet(unl[0], -torch.ones_like(unl[1]),
                      "unlabeled"), val=FeatureSet(*val, "val"), test=FeatureSet(*test, "test"))
+
+
+SPLITS = {"labeled": "labeled", "unlabeled": "partners", "val": "val", "test": "test"}  # cache split: field
+
+
+def write_synthetic_cache(cache_dir, num_classes: int = 6) -> None:
+    """The synthetic splits as a float32 feature cache (exact copies of the rows) in small chunks."""
+    from helpers.feature_cache import write_feature_cache
+
+    data = synthetic_data(num_classes)
+    for split, field in SPLITS.items():
+        fs = getattr(data, field)
+        write_feature_cache(cache_dir, split, fs.labels, lambda pos, fs=fs: fs.features[pos], fs.num_features,
+                            dtype="float32", chunk_size=64)
+
+
+def cached_data(cache_dir) -> TrainData:
+    """The synthetic splits read through the trainer's cache reader."""
+    sets = {}
+    for split, field in SPLITS.items():
+        reader = open_features(cache_dir, split)
+        sets[field] = FeatureSet(reader, reader.labels, "unlabeled" if split == "unlabeled" else split)
+    return TrainData(**sets)
 
 
 class SlowFeatureSet(FeatureSet):
@@ -59,6 +84,7 @@ def main() -> None:
     p.add_argument("--classes", type=int, default=6)
     p.add_argument("--slow-val", type=float, default=0.0)
     p.add_argument("--setup-sleep", type=float, default=0.0)
+    p.add_argument("--cache", default="")
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args()
     preemption = Preemption(requeue=False).install()  # from process start, as launch/train.py does
@@ -78,7 +104,7 @@ def main() -> None:
         if trainer.step == args.signal_at:
             os.kill(os.getpid(), signal.SIGUSR1)
 
-    data = synthetic_data(args.classes)
+    data = cached_data(args.cache) if args.cache else synthetic_data(args.classes)
     if args.slow_val:
         data.val = SlowFeatureSet(data.val, args.slow_val)
     trainer = Trainer(cfg, data, hooks=[faults], preemption=preemption)

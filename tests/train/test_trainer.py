@@ -160,10 +160,11 @@ def test_data_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_agree_with_one_at_first_refresh(tmp_path):
+def test_two_processes_agree_with_one_at_first_refresh(tmp_path, synthetic_cache):
+    """One process in memory, two through the cache reader (each pseudo-labels its shard of the pool)."""
     one, two = tmp_path / "one", tmp_path / "two"
     ok(run_script(tmp_path / "r1", "--dump-refresh", str(one)))
-    ok(run_script(tmp_path / "r2", "--dump-refresh", str(two), procs=2))
+    ok(run_script(tmp_path / "r2", "--dump-refresh", str(two), "--cache", str(synthetic_cache), procs=2))
     a = torch.load(f"{one}.rank0", weights_only=True)
     b0, b1 = (torch.load(f"{two}.rank{r}", weights_only=True) for r in (0, 1))
     for b in (b0, b1):
@@ -175,12 +176,37 @@ def test_two_processes_agree_with_one_at_first_refresh(tmp_path):
     assert torch.equal(b0["P"], b1["P"]) and torch.equal(b0["partner_labels"], b1["partner_labels"])
 
 
+@pytest.fixture(scope="module")
+def synthetic_cache(tmp_path_factory) -> Path:
+    """The synthetic splits as a float32 feature cache in 64-row chunks (exact copies of the rows)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from synthetic_run import write_synthetic_cache
+
+    cache = tmp_path_factory.mktemp("synthetic_cache")
+    write_synthetic_cache(cache)
+    return cache
+
+
+def test_run_through_the_cache_reader_equals_in_memory_and_resumes_bitwise(reference_run, synthetic_cache,
+                                                                         tmp_path):
+    """The same rows through the trainer's cache reader: the same run, bit for bit, and kill -9 / resume too."""
+    full, crash = tmp_path / "full", tmp_path / "crash"
+    ok(run_script(full, "--cache", str(synthetic_cache)))
+    assert torch.equal(final_head(full)["weight"], final_head(reference_run)["weight"])
+    assert run_script(crash, "--kill-at", "37", "--cache", str(synthetic_cache)).returncode == -signal.SIGKILL
+    ok(run_script(crash, "--cache", str(synthetic_cache)))
+    assert torch.equal(final_head(crash)["weight"], final_head(reference_run)["weight"])
+    assert torch.equal(final_head(crash)["bias"], final_head(reference_run)["bias"])
+
+
 @pytest.mark.slow
-def test_two_process_kill9_resume_matches_uninterrupted(tmp_path):
+def test_two_process_kill9_resume_matches_uninterrupted(tmp_path, synthetic_cache):
+    """Two ranks: in memory, uninterrupted; through the cache reader (pool sharded for pseudo-labelling),
+    killed and resumed: the same head."""
     ref, crash = tmp_path / "ref", tmp_path / "crash"
     ok(run_script(ref, procs=2))
-    assert run_script(crash, "--kill-at", "33", procs=2).returncode != 0
-    ok(run_script(crash, procs=2))
+    assert run_script(crash, "--kill-at", "33", "--cache", str(synthetic_cache), procs=2).returncode != 0
+    ok(run_script(crash, "--cache", str(synthetic_cache), procs=2))
     torch.testing.assert_close(final_head(crash)["weight"], final_head(ref)["weight"], rtol=0, atol=1e-6)
     # resuming on another number of ranks works too
     ok(run_script(crash, "run.steps=70", "run.extend_steps=true", procs=1))
