@@ -627,7 +627,7 @@ def load_features(cache_dir: str | Path, split: str, *, key: CacheKey | None = N
     """The cached split copied into memory: float32 features [N,d] (upcast from float16), labels, indices.
 
     A private O(N·d) copy per process, for small splits and tests; training opens the cache with
-    `open_features` instead (memory-mapped, one page-cache copy per node). Arguments and errors as there.
+    `open_features` instead (rows read on demand, one page-cache copy per node). Arguments and errors as there.
     """
     reader = open_features(cache_dir, split, key=key, split_sha256=split_sha256, verify=verify)
     return FeatureSplit(reader.take(torch.arange(len(reader))), reader.labels, reader.indices)

@@ -1,7 +1,7 @@
 """What the trainer trains on: labeled, partner, validation and test feature sets.
 
 A `FeatureSet` answers `take(index) -> features float32[B, d]`. In mode 'features' that is a row lookup in
-a memory-mapped feature cache (`selmix_dist.features.cache.open_features`; rows stay in the page cache,
+the feature cache (`selmix_dist.features.cache.open_features`: rows read from the page cache, one copy
 shared by the ranks of a node) or in a tensor held in memory; in mode 'online' it loads the images and runs
 the frozen backbone, with training augmentation for training draws. Every rank can take any index (the
 cache is one file set, the image source is random-access), so partners drawn from the global P never need
@@ -22,7 +22,7 @@ from selmix_dist.core.rng import derive_seed
 
 
 class FeatureRows(Protocol):
-    """Row storage of a FeatureSet: `CachedFeatures` (memory-mapped cache) or `TensorRows` (in memory)."""
+    """Row storage of a FeatureSet: `CachedFeatures` (the feature cache's reader) or `TensorRows` (in memory)."""
 
     num_features: int
 

@@ -22,6 +22,10 @@ from selmix_dist.heads.selftrain import self_train_head
 
 FITTED = ("la", "ce", "fixmatch_la")
 AUTO = "auto"
+# Self-training draws init_head_steps × 128 unlabeled rows (38 400 at the default 300 steps), so a seeded
+# subset of this many rows stands in for a larger pool, which would otherwise be copied whole as float32
+# (10.5 GB for ImageNet-1k's 1.28 M × 2048).
+SELF_TRAINING_POOL = 65536
 FIT_THREADS = min(8, os.cpu_count() or 1)
 
 
@@ -50,6 +54,17 @@ def fit_start_head(kind: str, labeled: torch.Tensor, labels: torch.Tensor, num_c
                 raise ValueError("model.init_head=fixmatch_la needs a non-empty unlabeled split")
             head = self_train_head(head, labeled, labels, unlabeled, steps=steps, seed=seed)
     return head
+
+
+def self_training_rows(pool, seed: int, limit: int = SELF_TRAINING_POOL) -> torch.Tensor:
+    """The unlabeled rows self-training sees, float32[min(N, limit), d]: every row of `pool` (anything with
+    len() and take(index)) in order when it has at most `limit`, else `limit` distinct rows drawn with
+    `seed`, in increasing order."""
+    n = len(pool)
+    if n <= limit:
+        return pool.take(torch.arange(n))
+    pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit]
+    return pool.take(pick.sort().values)
 
 
 def choose_by_validation(candidates: dict[str, nn.Linear], features: torch.Tensor, labels: torch.Tensor,

@@ -10,7 +10,15 @@ import torch
 from selmix_dist import distributed as dist
 from selmix_dist.core.schedule import LrSchedule
 from selmix_dist.heads._inputs import param_groups
-from selmix_dist.heads.start import AUTO, FITTED, auto_start_head, fit_start_head, read_head, zero_head
+from selmix_dist.heads.start import (
+    AUTO,
+    FITTED,
+    auto_start_head,
+    fit_start_head,
+    read_head,
+    self_training_rows,
+    zero_head,
+)
 from selmix_dist.train.config import config_yaml
 
 if TYPE_CHECKING:
@@ -61,7 +69,7 @@ def _fit_start(trainer: Trainer, spec: str) -> torch.nn.Linear:
     # Partners are the unlabeled split in 'semi'; 'supervised' has no unlabeled data to self-train on.
     unlabeled = None
     if spec == "fixmatch_la" or (spec == AUTO and cfg.selmix.setting == "semi"):
-        unlabeled = data.partners.take(torch.arange(len(data.partners)))
+        unlabeled = self_training_rows(data.partners, cfg.run.seed)
     fit = {"weight_decay": cfg.optim.weight_decay, "steps": cfg.model.init_head_steps, "seed": cfg.run.seed}
     log.info("fitting the start head (model.init_head=%s) on %d labeled features", spec, len(lab))
     if spec != AUTO:

@@ -7,8 +7,16 @@ import pytest
 import torch
 from torch import nn
 
+from selmix_dist.features.sets import FeatureSet
 from selmix_dist.heads.selftrain import self_train_head
-from selmix_dist.heads.start import auto_start_head, choose_by_validation, fit_start_head, read_head, zero_head
+from selmix_dist.heads.start import (
+    auto_start_head,
+    choose_by_validation,
+    fit_start_head,
+    read_head,
+    self_training_rows,
+    zero_head,
+)
 
 
 def _data():
@@ -104,3 +112,15 @@ def test_auto_start_head_keeps_the_better_of_la_and_its_self_training():
     name, head, scores = auto_start_head(x, y, 5, unlabeled=None, val=(xv, yv), metric="min_recall",
                                          head_mask=mask, **fit)
     assert name == "la" and list(scores) == ["la"] and torch.equal(head.weight, la.weight)
+
+
+def test_self_training_sees_the_whole_pool_or_a_seeded_subset_of_distinct_rows():
+    table = torch.arange(50.0).repeat(3, 1).T            # row i is (i, i, i)
+    pool = FeatureSet(table, -torch.ones(50, dtype=torch.int64), "unlabeled")
+    assert torch.equal(self_training_rows(pool, seed=0, limit=50), table)
+    part = self_training_rows(pool, seed=0, limit=20)
+    rows = part[:, 0].long()
+    assert part.shape == (20, 3) and torch.equal(part, table[rows])
+    assert len(set(rows.tolist())) == 20 and torch.equal(rows, rows.sort().values)
+    assert torch.equal(self_training_rows(pool, seed=0, limit=20), part)           # the seed fixes the subset
+    assert not torch.equal(self_training_rows(pool, seed=1, limit=20), part)
