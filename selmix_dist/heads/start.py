@@ -1,5 +1,5 @@
-"""The head SelMix starts from (`model.init_head`): fitted on the labeled features, self-trained, chosen
-between those two on validation, or read.
+"""The head SelMix starts from (`model.init_head`): fitted on the labeled features, self-trained, or read;
+and the choice between candidate heads on validation (`choose_by_validation`, used by the experiment runner).
 
 Fitting is deterministic: L-BFGS from zeros, seeded self-training, and a fixed CPU thread count whatever
 the launcher, because the thread count changes the order of float reductions and so the fitted head (one
@@ -21,7 +21,7 @@ from selmix_dist.heads.fit import fit_head
 from selmix_dist.heads.selftrain import self_train_head
 
 FITTED = ("la", "ce", "fixmatch_la")
-AUTO = "auto"
+AUTO = "auto"   # 'fixmatch_la' in setting 'semi', 'la' in 'supervised' (README, "Defaults that hold")
 # Self-training draws init_head_steps × 128 unlabeled rows (38 400 at the default 300 steps), so a seeded
 # subset of this many rows stands in for a larger pool, which would otherwise be copied whole as float32
 # (10.5 GB for ImageNet-1k's 1.28 M × 2048).
@@ -72,30 +72,12 @@ def choose_by_validation(candidates: dict[str, nn.Linear], features: torch.Tenso
     """The candidate with the highest validation `metric` (a compute_metrics key; ties: the first listed) and
     every candidate's score. features float[V, d], labels int64[V], head_mask bool[K].
 
-    Why: self-training usually lifts mean recall but can drop the rarest classes to zero recall (on
-    CIFAR-10-LT ρ_u = 100 FixMatch-LA was 20 points of min recall below the LA head it came from), so
-    which start is better depends on the metric being optimised.
+    Self-training usually lifts mean recall but can drop the rarest classes to zero recall, so which head
+    scores better depends on the metric.
     """
     scores = {name: float(evaluate_head(head, features, labels, len(head_mask), head_mask=head_mask)[metric])
               for name, head in candidates.items()}
     return max(scores, key=lambda name: scores[name]), scores
-
-
-def auto_start_head(labeled: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
-                    unlabeled: torch.Tensor | None, val: tuple[torch.Tensor, torch.Tensor], metric: str,
-                    head_mask: torch.Tensor, weight_decay: float, steps: int,
-                    seed: int) -> tuple[str, nn.Linear, dict[str, float]]:
-    """`model.init_head=auto`: the LA head and, given unlabeled features, its FixMatch-LA self-training;
-    the one with the better validation `metric` -> (its name, the head, every candidate's score).
-    val: (features float[V, d], labels int64[V])."""
-    candidates = {"la": fit_start_head("la", labeled, labels, num_classes, unlabeled=None,
-                                       weight_decay=weight_decay, steps=steps, seed=seed)}
-    if unlabeled is not None and len(unlabeled):
-        with fixed_threads():
-            candidates["fixmatch_la"] = self_train_head(candidates["la"], labeled, labels, unlabeled, steps=steps,
-                                                        seed=seed)
-    name, scores = choose_by_validation(candidates, *val, metric, head_mask)
-    return name, candidates[name], scores
 
 
 def read_head(path: str | Path, dim: int, num_classes: int) -> nn.Linear:

@@ -33,10 +33,10 @@ def test_cifar_experiment_holds_todays_protocol_and_hyper_parameters():
     assert (csst.lr, csst.steps, csst.params["update"], csst.params["omega"]) == (1e-4, 3000, "dual", 1.0)
     fixmatch = spec.methods["fixmatch_la"].settings
     assert (fixmatch.start, fixmatch.steps, fixmatch.lr) == ("la", 2000, 3e-3)
-    # every fine-tuned method starts from the LA head or the FixMatch-LA analogue, chosen on validation
+    # every fine-tuned method starts from the FixMatch-LA analogue (README "Defaults that hold": start head)
     for name, m in spec.methods.items():
         if m.kind in ("trainer", "csst"):
-            assert m.settings.start == ["la", "fixmatch_la"], name
+            assert m.settings.start == "fixmatch_la", name
 
 
 def test_tiny_experiment_adds_decoupling_and_min_head_tail():

@@ -10,7 +10,6 @@ from torch import nn
 from selmix_dist.features.sets import FeatureSet
 from selmix_dist.heads.selftrain import self_train_head
 from selmix_dist.heads.start import (
-    auto_start_head,
     choose_by_validation,
     fit_start_head,
     read_head,
@@ -86,32 +85,6 @@ def test_choose_by_validation_follows_the_metric():
     # a tie keeps the first listed
     same = {"first": heads["b"], "second": heads["b"]}
     assert choose_by_validation(same, x, y, "min_recall", mask)[0] == "first"
-
-
-def test_auto_start_head_keeps_the_better_of_la_and_its_self_training():
-    """The candidates are exactly fit_start_head('la') and fit_start_head('fixmatch_la'); the one returned has
-    the higher validation min recall counted by hand; without unlabeled data only the LA head competes."""
-    g = torch.Generator().manual_seed(1)
-    means = 2.5 * torch.randn(5, 32, generator=g)
-    counts = [200, 80, 30, 10, 4]
-    y = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
-    x = means[y] + 5.0 * torch.randn(len(y), 32, generator=g)
-    u = means[torch.randint(0, 5, (600,), generator=g)] + 5.0 * torch.randn(600, 32, generator=g)
-    yv = torch.arange(5).repeat_interleave(40)
-    xv = means[yv] + 5.0 * torch.randn(len(yv), 32, generator=g)
-    fit = {"weight_decay": 5e-4, "steps": 60, "seed": 0}
-    la = fit_start_head("la", x, y, 5, unlabeled=None, **fit)
-    fixmatch = fit_start_head("fixmatch_la", x, y, 5, unlabeled=u, **fit)
-    expected = {"la": min(_recalls(la, xv, yv, 5)), "fixmatch_la": min(_recalls(fixmatch, xv, yv, 5))}
-    assert expected["la"] != expected["fixmatch_la"]     # the choice matters on this data
-    mask = torch.tensor([True, True, False, False, False])
-    name, head, scores = auto_start_head(x, y, 5, unlabeled=u, val=(xv, yv), metric="min_recall", head_mask=mask,
-                                         **fit)
-    assert scores == pytest.approx(expected) and name == max(expected, key=expected.get)
-    assert torch.equal(head.weight, {"la": la, "fixmatch_la": fixmatch}[name].weight)
-    name, head, scores = auto_start_head(x, y, 5, unlabeled=None, val=(xv, yv), metric="min_recall",
-                                         head_mask=mask, **fit)
-    assert name == "la" and list(scores) == ["la"] and torch.equal(head.weight, la.weight)
 
 
 def test_self_training_sees_the_whole_pool_or_a_seeded_subset_of_distinct_rows():
