@@ -21,7 +21,7 @@ from selmix_dist.heads.fit import fit_head
 from selmix_dist.heads.selftrain import self_train_head
 
 FITTED = ("la", "ce", "fixmatch_la")
-AUTO = "auto"   # 'fixmatch_la' in setting 'semi', 'la' in 'supervised' (README, "Defaults that hold")
+AUTO = "auto"   # 'fixmatch_la' in setting 'semi', 'la' in 'supervised': the paper's rule (README, start head)
 # Self-training draws init_head_steps × 128 unlabeled rows (38 400 at the default 300 steps), so a seeded
 # subset of this many rows stands in for a larger pool, which would otherwise be copied whole as float32
 # (10.5 GB for ImageNet-1k's 1.28 M × 2048).

@@ -63,7 +63,7 @@ def start_head(trainer: Trainer, given: torch.nn.Linear | None) -> torch.nn.Line
 def _fit_start(trainer: Trainer, spec: str) -> torch.nn.Linear:
     """model.init_head ∈ FITTED or 'auto', fitted on this rank (the other ranks read the cached file)."""
     cfg, data = trainer.cfg, trainer.data
-    if spec == AUTO:  # the start SelMix ends best from, on validation (README, "Defaults that hold")
+    if spec == AUTO:  # the paper's start (README, "Defaults that hold": the start-head study)
         spec = "fixmatch_la" if cfg.selmix.setting == "semi" else "la"
     lab = data.labeled
     log.info("fitting the start head (model.init_head=%s) on %d labeled features", spec, len(lab))

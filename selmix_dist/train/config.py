@@ -72,10 +72,10 @@ class ModelConfig:
     backbone: str = doc("timm model name (mode 'online').", "tf_efficientnet_lite0")
     weights: str = doc("Backbone weights (mode 'online'): 'lite', 'timm', 'none' or a checkpoint path.", "lite")
     image_size: int = doc("Backbone input side in mode 'online' (0: the model's pretrained config).", 0)
-    init_head: str = doc("Starting head: 'auto' ('fixmatch_la' in setting 'semi', 'la' in 'supervised': the start "
-                         "SelMix ends best from on validation, README 'Defaults that hold'), 'la' / 'ce' (fit on "
-                         "labeled features), 'fixmatch_la' (the LA head self-trained on unlabeled features), "
-                         "'zeros', or a path to a saved head.", "auto")
+    init_head: str = doc("Starting head: 'auto' ('fixmatch_la' in setting 'semi', 'la' in 'supervised', the paper's "
+                         "rule; README 'Defaults that hold' for the validation study), 'la' / 'ce' (fit on labeled "
+                         "features), 'fixmatch_la' (the LA head self-trained on unlabeled features), 'zeros', or a "
+                         "path to a saved head.", "auto")
     init_head_steps: int = doc("Optimisation steps used to fit the starting head.", 300)
 
 
