@@ -7,8 +7,7 @@ function; the runner and the tables never name a kind.
 Start heads: a kind with a ``start`` setting receives a copy of that method's head (``ctx.start(s)``), so
 the experiment file states every start-head rule (e.g. the FixMatch-LA analogue starts from the LA head).
 ``start`` may list several methods: the one whose head scores best on validation, on the metric the method
-is compared on, is used (``heads.start.choose_by_validation``, the trainer's ``model.init_head=auto`` rule),
-and its name goes into the result's ``info``.
+is compared on, is used (``heads.start.choose_by_validation``), and its name goes into the result's ``info``.
 """
 
 from __future__ import annotations

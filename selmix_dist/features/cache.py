@@ -184,9 +184,13 @@ def _tensor_sha256(features: torch.Tensor, labels: torch.Tensor, indices: torch.
     return digest.hexdigest()
 
 
-def _chunk_layout(path: Path) -> tuple[dict[str, str], dict[str, tuple[torch.dtype, tuple[int, ...], int]], int]:
-    """(metadata, {tensor name: (dtype, shape, byte offset in the file)}, file size) of a chunk file, from its
-    safetensors header. FileNotFoundError / ValueError name the file."""
+def _map_chunk(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Metadata and the three tensors of a chunk file, as views of a memory map of the file (no copy).
+
+    The map is private (MAP_PRIVATE): its pages are the page cache's, shared by every process that maps
+    the file, and a write to a view would copy the page instead of reaching the file. The file closes at
+    once; the map lives as long as a view does. FileNotFoundError / ValueError name the file.
+    """
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
@@ -211,17 +215,6 @@ def _chunk_layout(path: Path) -> tuple[dict[str, str], dict[str, tuple[torch.dty
         raise FileNotFoundError(f"feature chunk {path} is missing") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # JSON errors are ValueErrors
         raise ValueError(f"feature chunk {path} is unreadable (corrupt or truncated): {e!r}") from e
-    return meta, layout, size
-
-
-def _map_chunk(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Metadata and the three tensors of a chunk file, as views of a memory map of the file (no copy).
-
-    The map is private (MAP_PRIVATE): its pages are the page cache's, shared by every process that maps
-    the file, and a write to a view would copy the page instead of reaching the file. The file closes at
-    once; the map lives as long as a view does. FileNotFoundError / ValueError name the file.
-    """
-    meta, layout, size = _chunk_layout(path)
     storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
     tensors = {}
     for name, (dtype, shape, offset) in layout.items():
@@ -611,10 +604,11 @@ def open_features(cache_dir: str | Path, split: str, *, key: CacheKey | None = N
             raise ValueError(f"split {split!r} of feature cache {cache_dir}: row {a + bad} has non-finite "
                              f"features (chunk {path})")
         labels[a:b], indices[a:b] = scanned["labels"], scanned["indices"]
-        dtype = scanned["features"].dtype
+        features = scanned["features"]  # a view of the file's map: where it starts is where rows are read
+        dtype, offset = features.dtype, features.storage_offset() * features.element_size()
         # Unmap the scanned pages (they stay in the page cache, not in this process); rows are read later.
-        del scanned
-        files.append((path, _chunk_layout(path)[1]["features"][2]))
+        del scanned, features
+        files.append((path, offset))
         starts.append(a)
         covered = b
     if covered != n:
