@@ -4,6 +4,8 @@ confusion matrix (min recall, H-mean, ... see "objectives" below) out.
     python launch/train.py --config configs/cifar10_lt/min_recall.yaml       (one process, CPU or one GPU)
     python launch/train.py run.dir=runs/mine data.features=runs/mine/features data.split_dir=runs/mine/split
     accelerate launch launch/train.py --config C.yaml [section.key=value ...]  (every GPU of the node)
+    python launch/train.py --nproc-per-node 2 --config C.yaml   (2 ranks forked from this process: they share
+                                                                 its memory; one node)
     python launch/train.py --help-config        (every config key with its default and documentation)
 
 Settings come from the defaults, then --config, then section.key=value overrides (later wins).
@@ -11,10 +13,11 @@ Settings come from the defaults, then --config, then section.key=value overrides
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
-from selmix_dist.cli import parser, run_cli
+from selmix_dist.cli import DEBUG_FLAG, parser, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 # The keys a first run usually sets; --help shows them with their defaults, --help-config shows all.
@@ -66,7 +69,23 @@ def shipped_configs_help() -> str:
     return "training configs in this repository (--config):\n" + "\n".join(f"  {f}" for f in files)
 
 
-def run(argv: list[str]) -> int:
+def train_and_report(cfg, preemption) -> int:
+    from selmix_dist.report import report_finished_run
+    from selmix_dist.train.entry import train
+
+    report_finished_run(cfg.run.dir, train(cfg, preemption))
+    return 0
+
+
+def forked_rank(cfg, debug: bool) -> int:
+    """One rank of `--nproc-per-node`: signals handled from its first moment, errors reported as here."""
+    from selmix_dist.train.preemption import Preemption
+
+    preemption = Preemption(cfg.run.requeue).install()
+    return run_cli(lambda _argv: train_and_report(cfg, preemption), [DEBUG_FLAG] if debug else [])
+
+
+def run(argv: list[str], debug: bool = False) -> int:
     # Signals are handled from the first moment: a SIGUSR1 during set-up must not kill the job.
     from selmix_dist.train.preemption import Preemption
 
@@ -75,8 +94,12 @@ def run(argv: list[str]) -> int:
     p.add_argument("--config", help="YAML experiment config (default: none, only the defaults and overrides)")
     p.add_argument("--help-config", action="store_true",
                    help="print every config key with its default and documentation, then the objectives, and exit")
+    p.add_argument("--nproc-per-node", type=int, metavar="N",
+                   help="start N ranks on this node, forked from this process once it has imported torch and the "
+                        "trainer, so that they share that memory (about 0.5 GB a rank; README, Benchmarks); for one "
+                        "node, instead of accelerate launch")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. run.steps=3000 optim.lr=3e-3")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options may come between the overrides
     from selmix_dist.train.config import describe, load_config
 
     if args.help_config:
@@ -84,17 +107,20 @@ def run(argv: list[str]) -> int:
         print()
         print(objectives_help())
         return 0
-    from selmix_dist.report import report_finished_run
-    from selmix_dist.train.entry import train
-
     cfg = load_config(args.config, args.overrides)
-    preemption.requeue_enabled = cfg.run.requeue
-    report_finished_run(cfg.run.dir, train(cfg, preemption))
-    return 0
+    if args.nproc_per_node is None:
+        preemption.requeue_enabled = cfg.run.requeue
+        return train_and_report(cfg, preemption)
+    from selmix_dist import distributed as dist
+    from selmix_dist.train import entry  # noqa: F401 - imported once here, shared by the forked ranks
+
+    preemption.uninstall()  # the launcher forwards SIGTERM to the ranks; each rank handles its signals
+    return dist.launch_forked(forked_rank, args.nproc_per_node, cfg, debug)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(run, argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_cli(functools.partial(run, debug=DEBUG_FLAG in argv), argv)
 
 
 if __name__ == "__main__":

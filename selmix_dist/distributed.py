@@ -10,7 +10,14 @@ shards, never averages over padded batches, so the result is the same whatever t
 
 from __future__ import annotations
 
+import gc
+import importlib
 import os
+import signal
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -124,17 +131,26 @@ def broadcast_tensor(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
 
 
 def make_accelerator(**kwargs: Any):
-    """An `accelerate.Accelerator` for this launch: gloo for multi-process CPU runs.
+    """An `accelerate.Accelerator` for this launch: gloo and multi-CPU data parallelism for CPU ranks.
 
     DeepSpeed would default to NCCL even without a GPU; naming a backend in a plain single-process run
     would make accelerate try to join a process group, so gloo is named only when several processes run.
+    Without `cpu=True` (or ACCELERATE_USE_CPU=1, which `accelerate launch` users had to remember) accelerate
+    joins the ranks' process group but does not wrap the head for data parallelism on a machine without a
+    GPU: every rank trained its own head. DeepSpeed keeps its own engine (cpu=True would replace it).
     """
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         kwargs.setdefault("kwargs_handlers", []).append(InitProcessGroupKwargs(backend="gloo"))
-    return Accelerator(**kwargs)
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+            kwargs.setdefault("cpu", True)
+    accelerator = Accelerator(**kwargs)
+    if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
+        raise RuntimeError(f"{accelerator.num_processes} ranks, but accelerate chose no data parallelism; the "
+                           "ranks would train different heads")
+    return accelerator
 
 
 def set_deepspeed_micro_batch(accelerator, batch_size: int) -> None:
@@ -159,3 +175,63 @@ def unwrap(accelerator, model: torch.nn.Module) -> torch.nn.Module:
     while isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
     return model
+
+
+def launch_forked(rank_main: Callable[..., int], nprocs: int, *args: Any) -> int:
+    """Run `rank_main(*args)` on `nprocs` ranks of this node, forked from this process; the run's exit code.
+
+    Why fork: a rank started by `accelerate launch` or torchrun is a new interpreter that imports torch and
+    the package again, about 0.5 GB of its own memory each with this torch build (README, Benchmarks). A
+    forked rank shares those pages with this process and its sibling ranks until it writes them, so a node
+    holds the runtime about once. The caller imports what the ranks use before calling, and runs no
+    multi-threaded torch work first: GNU OpenMP's thread pool does not survive a fork, and a rank then hangs
+    in its first parallel operation (seen after one 800 × 800 product in the parent). This freezes the
+    garbage collector's view of the imported objects, so that collections in the ranks do not copy them.
+
+    torch elastic's agent runs here (rendezvous on a free local port, every rank's RANK, LOCAL_RANK,
+    WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT set as torchrun does). A signal to this process (SIGTERM,
+    SIGINT, SIGHUP, SIGQUIT) is forwarded to the ranks, and this returns 128 + its number once they have
+    exited; on SIGTERM a rank in its training loop saves the latest step boundary first. SIGUSR1 (SLURM
+    signals every process of a step) is ignored here and handled by the ranks.
+
+    `rank_main` returns its exit code (0: done) or raises. Returns 0 when every rank returned 0, else the
+    lowest failed rank's code (1 for a rank that raised, or died by a signal); every failed rank is named
+    on stderr.
+    """
+    if nprocs < 1:
+        raise ValueError(f"cannot start {nprocs} ranks; give at least 1")
+    if "LOCAL_RANK" in os.environ or is_initialized():
+        raise ValueError("this process is already a rank of a launched run (accelerate launch / torchrun set "
+                         "LOCAL_RANK); start the forked ranks from a plain `python` process")
+    if torch.cuda.is_initialized():
+        raise RuntimeError("CUDA was initialised before forking the ranks; a forked process cannot use it")
+    importlib.import_module("torch._dynamo")  # every rank's optimizer imports it (80 MB): here, it is shared
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    previous_usr1 = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    gc.collect()
+    gc.freeze()
+    # The agent's per-rank error files go to a directory of this call's own (by default it leaves one in
+    # the system's temporary directory per launch).
+    logs = tempfile.TemporaryDirectory(prefix="selmix_ranks_")
+    try:
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=uuid.uuid4().hex,
+                              rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                              start_method="fork", logs_specs=DefaultLogsSpecs(log_dir=logs.name))
+        codes = {rank: int(code) for rank, code in elastic_launch(config, rank_main)(*args).items() if code}
+    except ChildFailedError as err:  # a rank raised or died
+        codes = {rank: failure.exitcode if failure.exitcode > 0 else 1 for rank, failure in err.failures.items()}
+    except SignalException as err:
+        print(f"stopped by {err.sigval.name}, forwarded to the ranks", file=sys.stderr)
+        return 128 + int(err.sigval)
+    finally:
+        logs.cleanup()
+        gc.unfreeze()
+        signal.signal(signal.SIGUSR1, previous_usr1)
+    if codes:
+        print("error: " + "; ".join(f"rank {rank} failed with exit code {code}" for rank, code in sorted(codes.items()))
+              + " (the output above says why)", file=sys.stderr)
+    return codes[min(codes)] if codes else 0

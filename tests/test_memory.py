@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -42,3 +43,40 @@ def test_large_blocks_are_returned_when_freed():
 
 def test_release_returns_freed_heap_blocks():
     assert _kept_mib("trim") < 16           # and the trim after a refresh returns what the heap kept
+
+
+# A process that fills 64 MiB with data, then forks: parent and child map the same 64 MiB until either writes.
+_FORKED_BLOCK = """
+import os, sys, time
+block = bytes(range(256)) * (1 << 18)
+child = os.fork()
+if child == 0:
+    time.sleep(120)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(120)
+"""
+
+
+def _rss_mib(pid: int) -> float:
+    status = open(f"/proc/{pid}/status").read()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
+
+
+def test_descendants_and_pss_count_a_shared_block_once():
+    from selmix_dist.memory import descendants, pss_mb
+
+    parent = subprocess.Popen([sys.executable, "-c", _FORKED_BLOCK], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    try:
+        assert descendants(os.getpid()) == sorted([parent.pid, child])
+        assert descendants(parent.pid) == [child] and descendants(child) == []
+        assert min(_rss_mib(parent.pid), _rss_mib(child)) > 64   # each maps the whole block...
+        both, alone = pss_mb([parent.pid, child]), pss_mb([parent.pid])
+        assert both - alone < 0.75 * 64 < both                    # ...which counts once: half of it each
+        assert _rss_mib(parent.pid) - 64 < alone < _rss_mib(parent.pid) - 24
+    finally:
+        os.kill(child, signal.SIGKILL)
+        parent.kill()
+        parent.wait()
+    assert pss_mb([parent.pid]) == 0.0                            # ended processes count nothing

@@ -6,15 +6,17 @@
     python tools/bench_train.py --procs 2 --dim 2048 --unlabeled 1280000 --cache /scratch/bigpool
     python tools/bench_train.py --classes 8142 --labeled 437513 --unlabeled 0 --val 24426 --dim 2048 --procs 1
     python tools/bench_train.py --paired --rounds 9      # step time of both loaders, alternating in one process
+    python tools/bench_train.py --procs 2 --launcher fork  # ranks forked by launch/train.py --nproc-per-node
     python tools/bench_train.py --json                   # one JSON object per row
 
 The splits are written once into a feature cache (`--cache`, reused when it is complete and has the same
 key; default a temporary directory) by the library's own writer, from seeded Gaussian classes: labeled with
 an ImageNet-LT-like long-tailed profile (1280 → 5 per class, scaled to `--labeled`), unlabeled and
 validation balanced (unlabeled stored with label −1). Every world size then runs in fresh processes (one:
-a plain subprocess; more: `accelerate launch`, gloo on CPU with ACCELERATE_USE_CPU=1, NCCL on GPUs) that
-open the cache (`--loader reader`: the trainer's reader, rows read from the page cache on demand; `memory`:
-`load_features`, a private float32 copy),
+a plain subprocess; more: each `--launcher`: `accelerate launch`, or `fork`, the ranks forked from one
+process as `launch/train.py --nproc-per-node` does; gloo on CPU, NCCL on GPUs) that open the cache
+(`--loader reader`: the trainer's reader, rows read from the page cache on demand; `memory`: `load_features`,
+a private float32 copy),
 run one warm-up refresh, `--refreshes` timed ones (consecutive, so `--pseudo-label-every` amortises as in a
 run), 3 warm-up and `--steps` timed training steps. `--paired` times only steps, of both loaders in the same
 processes, in alternating blocks (what a step-time comparison needs on CPUs shared with other jobs).
@@ -23,9 +25,10 @@ Columns: open (opening the splits, with checksum and inf/NaN scan), step (wall c
 of the busiest rank per step: the work, less sensitive than the wall clock to other jobs on shared CPUs),
 refresh and its parts (the keys of the trainer's refresh timings), refresh in steps, and per rank: peak RSS
 (max over ranks), RSS at the end split into private (anon) and file-backed pages (shared libraries; mapped
-cache pages with the memory loader's scan), the node total of PSS (each shared page divided among the
-processes mapping it, summed over ranks), the cache's pages in the page cache (read by the reader, one copy
-per node, in nobody's PSS) and node_total = PSS + those pages: what the node really holds for the run.
+cache pages with the memory loader's scan), PSS (each shared page divided among the processes mapping it)
+summed over the ranks and over every process of the run (pss_node: the ranks and the launcher above them,
+which holds torch too), the cache's pages in the page cache (read by the reader, one copy per node, in
+nobody's PSS) and node_total = pss_node + those pages: what the node really holds for the run.
 load = 1-minute load average at the end (the CPUs are shared).
 """
 
@@ -49,8 +52,9 @@ import torch
 
 from selmix_dist import distributed as dist
 from selmix_dist.data.synthetic import class_means, gaussian_features, long_tailed_class_counts
-from selmix_dist.features.cache import load_features, open_features
+from selmix_dist.features.reader import load_features, open_features
 from selmix_dist.features.sets import FeatureSet, TrainData
+from selmix_dist.memory import descendants, pss_mb
 from selmix_dist.train.config import load_config
 from selmix_dist.train.trainer import Trainer
 
@@ -59,6 +63,7 @@ from helpers.feature_cache import write_feature_cache  # noqa: E402 - the writer
 
 SPLITS = ("labeled", "unlabeled", "val")
 LOADERS = ("memory", "reader")
+LAUNCHERS = ("accelerate", "fork")
 REFRESH_EVERY = 50  # run.refresh_every: the bench advances trainer.step by this much between refreshes
 
 
@@ -188,18 +193,20 @@ def measure(args) -> dict[str, float | int | str]:
         refreshes.append(refresh(trainer).timings)
     step_s, step_cpu_s = timed_steps(trainer, args.steps)
     memory = dist.all_gather_cat(memory_mb())  # [world, 4], sampled while every rank is alive
-    row = {**describe(args, data), "loader": args.loader}
+    row = {**describe(args, data), "loader": args.loader, "launcher": args.launcher if args.world > 1 else "none"}
     trainer.close()
     timings = {key: sum(r[key] for r in refreshes) / len(refreshes) for key in refreshes[0]}
     row.update({"open_s": open_s, "step_ms": 1e3 * step_s, "step_cpu_ms": 1e3 * step_cpu_s,
                 "refresh_s": timings.pop("total"), **{f"{key}_s": v for key, v in timings.items()}})
     row["refresh_in_steps"] = row["refresh_s"] / step_s
     peak, anon, file, _ = memory.max(0).values.tolist()  # the largest rank
-    row.update(peak_rss_mb=peak, rss_anon_mb=anon, rss_file_mb=file, pss_node_mb=float(memory[:, 3].sum()))
+    row.update(peak_rss_mb=peak, rss_anon_mb=anon, rss_file_mb=file, pss_ranks_mb=float(memory[:, 3].sum()))
     if dist.is_main_process():
+        row["pss_node_mb"] = pss_mb(descendants(args.tree_root))  # sampled while the ranks wait below
         row["cache_resident_mb"] = cache_resident_mb(args.cache)
         row["node_total_mb"] = row["pss_node_mb"] + row["cache_resident_mb"]
     row["load"] = os.getloadavg()[0]
+    dist.barrier()  # every rank alive until rank 0 has measured the run's processes
     return row
 
 
@@ -235,15 +242,23 @@ def worker_argv(args) -> list[str]:
             "--eval-batch-size", str(args.eval_batch_size), "--objective", args.objective,
             "--steps", str(args.steps), "--refreshes", str(args.refreshes),
             "--pseudo-label-every", str(args.pseudo_label_every), "--cache", str(args.cache),
-            "--work-dir", str(args.work_dir)]
+            "--work-dir", str(args.work_dir), "--tree-root", str(os.getpid())]
 
 
-def launch(args, procs: int) -> dict:
-    """A row measured in fresh processes: `procs` = 1 a plain subprocess, else `accelerate launch`."""
+def worker_rank(args) -> int:
+    """One rank's measurement; rank 0 writes the row."""
+    row = measure_paired(args) if args.paired else measure(args)
+    if dist.is_main_process():
+        Path(args.worker_out).write_text(json.dumps(row))
+    return 0
+
+
+def launch(args, procs: int, launcher: str) -> dict:
+    """A row measured in fresh processes: `procs` = 1 a plain subprocess, else started by `launcher`."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
-        argv = [*worker_argv(args), "--worker-out", str(out)]
-        if procs == 1:
+        argv = [*worker_argv(args), "--worker-out", str(out), "--world", str(procs), "--launcher", launcher]
+        if procs == 1 or launcher == "fork":
             cmd, env = [sys.executable, *argv], dict(os.environ)
         else:
             env = dict(os.environ) if torch.cuda.is_available() else {**os.environ, "ACCELERATE_USE_CPU": "1"}
@@ -281,26 +296,32 @@ def main() -> int:
     p.add_argument("--refreshes", type=int, default=2, help="timed refreshes (after one warm-up)")
     p.add_argument("--pseudo-label-every", type=int, default=1, help="selmix.pseudo_label_every")
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="world sizes to measure")
+    p.add_argument("--launcher", choices=LAUNCHERS, nargs="+", default=list(LAUNCHERS),
+                   help="how more than one rank starts: accelerate launch, or forked from one process "
+                        "(launch/train.py --nproc-per-node)")
     p.add_argument("--paired", action="store_true",
                    help="step time only, of both loaders in the same processes (alternating blocks of --steps)")
     p.add_argument("--rounds", type=int, default=5, help="--paired: blocks per loader (median)")
     p.add_argument("--json", action="store_true", help="one JSON object per row")
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     p.add_argument("--work-dir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--tree-root", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--world", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if min(*args.procs, args.classes, args.dim, args.labeled, args.val, args.steps, args.refreshes, args.rounds) < 1:
         p.error("--procs, --classes, --dim, --labeled, --val, --steps, --refreshes and --rounds must be >= 1")
-    if args.worker_out:  # a rank of one measurement
-        row = measure_paired(args) if args.paired else measure(args)
-        if dist.is_main_process():
-            Path(args.worker_out).write_text(json.dumps(row))
-        return 0
+    if args.worker_out:  # one measurement: this process is its rank, or forks them
+        (args.launcher,) = args.launcher
+        if args.launcher == "fork" and args.world > 1:
+            return dist.launch_forked(worker_rank, args.world, args)
+        return worker_rank(args)
     with tempfile.TemporaryDirectory() as tmp:
         args.cache, args.work_dir = args.cache or Path(tmp) / "cache", Path(tmp)
         t0 = time.perf_counter()
         write_inputs(args, args.cache, args.work_dir / "head.pt")
         print(f"feature cache {args.cache}: ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        rows = [launch(args, n) for n in args.procs]
+        rows = [launch(args, n, launcher) for n in args.procs
+                for launcher in (args.launcher if n > 1 else args.launcher[:1])]
     if args.json:
         for row in rows:
             print(json.dumps(row))

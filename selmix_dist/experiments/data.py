@@ -93,7 +93,8 @@ def load_experiment_features(spec: ExperimentSpec, cache: Path, data_dir: Path, 
     """Train and test features (extracting only what the cache lacks) with labels 0 … K−1 in source order."""
     from selmix_dist.data.sources import open_source
     from selmix_dist.features.backbones import build_backbone
-    from selmix_dist.features.cache import extract_features, load_features
+    from selmix_dist.features.cache import extract_features
+    from selmix_dist.features.reader import load_features
 
     subset = subset or Subset()
     root = dataset_root(spec, data_dir, cache)

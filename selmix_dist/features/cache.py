@@ -2,11 +2,9 @@
 
 Layout of a cache directory:
     manifest.json                          key, chunk size, and per split its hash and chunk list
-    <split>/chunk-<start>-<stop>.safetensors
-        features  float16|float32[stop-start, d]
-        labels    int64[stop-start]        (−1 for unlabeled samples)
-        indices   int64[stop-start]        positions in the image source
-        metadata  key digest, split hash, start, stop, sha256 of the three tensors' bytes
+    <split>/chunk-<start>-<stop>.safetensors   one chunk file (selmix_dist.features.chunks)
+
+This module owns the manifest and the extraction; `selmix_dist.features.reader` reads a split back.
 
 Positions [0, N) of a split are cut into fixed chunks of `chunk_size`; ranks own contiguous runs of whole
 chunks (`shard_bounds` over chunk ids) and batches never cross a chunk boundary, so the chunk files are
@@ -24,11 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
 import shutil
 import time
-import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,19 +37,17 @@ from tqdm.auto import tqdm
 
 from selmix_dist import atomic
 from selmix_dist import distributed as dist
+from selmix_dist.features.chunks import chunk_name, read_chunk, write_chunk
 
 if TYPE_CHECKING:  # importing timm costs a training rank ~220 MB RSS, and readers never need it
     from selmix_dist.features.backbones import FrozenBackbone
 
 __all__ = [
     "CacheKey",
-    "CachedFeatures",
     "ExtractStats",
-    "FeatureSplit",
     "MANIFEST",
     "extract_features",
-    "load_features",
-    "open_features",
+    "complete_split",
     "read_manifest",
     "split_content_sha256",
 ]
@@ -81,18 +74,6 @@ class CacheKey:
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
-
-
-@dataclass
-class FeatureSplit:
-    """features float32[N,d], labels int64[N] (−1 = unlabeled), indices int64[N] (source positions)."""
-
-    features: torch.Tensor
-    labels: torch.Tensor
-    indices: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.labels.shape[0]
 
 
 @dataclass
@@ -171,71 +152,6 @@ def _around_first_difference(a: str, b: str, width: int = 48) -> tuple[str, str]
         return ("…" if start else "") + text[start:start + width] + ("…" if start + width < len(text) else "")
 
     return cut(a), cut(b)
-
-
-def _chunk_name(start: int, stop: int) -> str:
-    return f"chunk-{start:09d}-{stop:09d}.safetensors"
-
-
-def _tensor_sha256(features: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> str:
-    digest = hashlib.sha256()
-    for t in (features, labels, indices):
-        digest.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())  # hashed in place, no copy
-    return digest.hexdigest()
-
-
-def _map_chunk(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Metadata and the three tensors of a chunk file, as views of a memory map of the file (no copy).
-
-    The map is private (MAP_PRIVATE): its pages are the page cache's, shared by every process that maps
-    the file, and a write to a view would copy the page instead of reaching the file. The file closes at
-    once; the map lives as long as a view does. FileNotFoundError / ValueError name the file.
-    """
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(8)
-            length = int.from_bytes(head, "little")
-            if len(head) < 8 or not 0 < length <= size - 8:
-                raise ValueError(f"header length {length} does not fit a file of {size} bytes")
-            header = json.loads(f.read(length))
-        meta = header.pop("__metadata__", None) or {}
-        base = 8 + length
-        layout = {}
-        for name in ("features", "labels", "indices"):
-            spec = header[name]
-            dtype = _STORED_DTYPES[spec["dtype"]]
-            shape, (begin, end) = tuple(int(s) for s in spec["shape"]), spec["data_offsets"]
-            # safetensors pads the header to 8 bytes, so an aligned tensor can be viewed where it lies.
-            if (end - begin != math.prod(shape) * dtype.itemsize or base + end > size
-                    or (base + begin) % dtype.itemsize):
-                raise ValueError(f"tensor {name!r} of shape {shape} does not fit bytes [{begin}, {end})")
-            layout[name] = (dtype, shape, base + begin)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"feature chunk {path} is missing") from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # JSON errors are ValueErrors
-        raise ValueError(f"feature chunk {path} is unreadable (corrupt or truncated): {e!r}") from e
-    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
-    tensors = {}
-    for name, (dtype, shape, offset) in layout.items():
-        tensors[name] = torch.empty(0, dtype=dtype).set_(storage, offset // dtype.itemsize, shape)
-    return meta, tensors
-
-
-def _read_chunk(path: Path, meta_expect: dict[str, str], verify: bool = True) -> dict[str, torch.Tensor]:
-    """Tensors of one chunk file (views of its memory map) after checking its metadata (and, if `verify`,
-    its data checksum, which reads every byte once through the page cache).
-
-    FileNotFoundError / ValueError name the file.
-    """
-    meta, tensors = _map_chunk(path)
-    wrong = {k: (meta.get(k), v) for k, v in meta_expect.items() if meta.get(k) != v}
-    if wrong:
-        raise ValueError(f"feature chunk {path} belongs to another cache/split: "
-                         f"metadata (found, expected) {wrong}")
-    if verify and _tensor_sha256(tensors["features"], tensors["labels"], tensors["indices"]) != meta.get("sha256"):
-        raise ValueError(f"feature chunk {path} is corrupt: its data does not match its sha256")
-    return tensors
 
 
 class _Images(Dataset):
@@ -377,9 +293,9 @@ def extract_features(
     skipped = 0
     for c in range(c0, c1):
         start, stop = c * chunk_size, min((c + 1) * chunk_size, n)
-        path = out_dir / split / _chunk_name(start, stop)
+        path = out_dir / split / chunk_name(start, stop)
         try:
-            _read_chunk(path, {**meta_base, "start": str(start), "stop": str(stop)})
+            read_chunk(path, {**meta_base, "start": str(start), "stop": str(stop)})
             skipped += 1
         except (ValueError, FileNotFoundError):
             pending.append((start, stop))  # absent or damaged: (re)compute it
@@ -409,7 +325,7 @@ def extract_features(
         filled += len(feats)
         bar.update(len(feats))
         if filled == stop - start:
-            _write_chunk(out_dir / split, start, stop, buf, lab[start:stop], idx[start:stop], meta_base)
+            write_chunk(out_dir / split, start, stop, buf, lab[start:stop], idx[start:stop], meta_base)
             start, stop = next(chunk_iter, (0, 0))
             buf = torch.empty(stop - start, backbone.num_features, dtype=store)
             filled = 0
@@ -421,7 +337,7 @@ def extract_features(
         chunks = []
         for c in range(num_chunks):
             a, b = c * chunk_size, min((c + 1) * chunk_size, n)
-            path = out_dir / split / _chunk_name(a, b)
+            path = out_dir / split / chunk_name(a, b)
             with safe_open(str(path), framework="pt") as f:
                 digest = (f.metadata() or {})["sha256"]
             chunks.append({"file": path.name, "start": a, "stop": b, "sha256": digest,
@@ -434,39 +350,7 @@ def extract_features(
     return ExtractStats(split, n, num_chunks, written, kept, images, time.perf_counter() - t0, False)
 
 
-_SAFETENSORS_DTYPES = {torch.float16: "F16", torch.float32: "F32", torch.int64: "I64"}
-_STORED_DTYPES = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
-
-
-def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """A safetensors file with a canonical header (sorted keys, no spaces).
-
-    safetensors' own writer orders `__metadata__` by a hash map, so two processes writing the same chunk
-    would produce different bytes; this writer makes chunk files byte-identical across runs and ranks.
-    """
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset, blobs = 0, []
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        blob = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(blob)]}
-        offset += len(blob)
-        blobs.append(blob)
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the format pads the header to an 8-byte boundary with spaces
-    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
-
-
-def _write_chunk(split_dir: Path, start: int, stop: int, features: torch.Tensor, labels: torch.Tensor,
-                 indices: torch.Tensor, meta_base: dict[str, str]) -> None:
-    meta = {**meta_base, "start": str(start), "stop": str(stop),
-            "sha256": _tensor_sha256(features, labels, indices)}
-    data = _safetensors_bytes({"features": features, "labels": labels, "indices": indices}, meta)
-    atomic.write_bytes(split_dir / _chunk_name(start, stop), data)
-
-
-def _complete_split(cache_dir: Path, split: str, key: CacheKey | None,
+def complete_split(cache_dir: Path, split: str, key: CacheKey | None,
                     split_sha256: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The manifest and the entry of a complete `split`, checked against `key` / `split_sha256` if given."""
     manifest = read_manifest(cache_dir)
@@ -485,143 +369,3 @@ def _complete_split(cache_dir: Path, split: str, key: CacheKey | None,
         raise ValueError(f"split {split!r} in feature cache {cache_dir} was extracted from another "
                          f"split file (sha256 {entry['split_sha256'][:12]}…, requested {split_sha256[:12]}…)")
     return manifest, entry
-
-
-# IEEE exponent bits: a float is inf or NaN exactly when they are all set.
-_EXPONENT_MASK = {torch.float16: (np.uint16, 0x7C00), torch.float32: (np.uint32, 0x7F800000)}
-
-
-def _first_nonfinite_row(features: torch.Tensor) -> int | None:
-    """Index of the first row of `features` [n, d] (float16/float32) holding an inf or NaN, else None.
-
-    Tests the exponent bits of the stored integers (10x faster than isfinite on float16).
-    """
-    bits, mask = _EXPONENT_MASK[features.dtype]
-    bad = ((features.numpy().view(bits) & mask) == mask).any(axis=1)
-    return int(bad.argmax()) if bad.any() else None
-
-
-class CachedFeatures:
-    """One split of a feature cache, read from the chunk files on demand by positional reads (`pread`).
-
-    Features stay in the page cache as stored (float16 or float32): the ranks of a node share that one
-    copy, and a process holds only the batches it reads. Reads rather than a memory map, because mapped
-    pages a process has touched count in its RSS (and in its PSS share) until the map goes, so that a rank
-    drawing partners from the whole pool would look as large as the pool. `take(index)` converts to
-    float32 per batch. labels int64[N] (−1 = unlabeled) and indices int64[N] (source positions) are small
-    and held in memory.
-    """
-
-    def __init__(self, files: list[tuple[Path, int]], starts: list[int], labels: torch.Tensor,
-                 indices: torch.Tensor, num_features: int, dtype: torch.dtype, name: str):
-        """files: per chunk (path, byte offset of its features); starts: each chunk's first row."""
-        self.labels, self.indices = labels, indices
-        self.num_features, self.dtype, self.name = num_features, dtype, name
-        self._paths = [path for path, _ in files]
-        self._offsets = np.asarray([offset for _, offset in files], dtype=np.int64)
-        self._starts = np.asarray(starts, dtype=np.int64)
-        self._np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
-        self._row_bytes = num_features * self._np_dtype.itemsize
-        self._fds = [os.open(path, os.O_RDONLY) for path in self._paths]
-        weakref.finalize(self, _close_all, list(self._fds))
-
-    def __len__(self) -> int:
-        return self.labels.shape[0]
-
-    def take(self, index: torch.Tensor) -> torch.Tensor:
-        """Rows `index` (int64[B], any order, repeats allowed) as float32[B, d]."""
-        index = torch.as_tensor(index)
-        if index.ndim != 1 or index.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"split {self.name!r}: take needs a 1-D integer index, got {index.dtype} "
-                             f"of shape {tuple(index.shape)}")
-        rows = index.cpu().numpy().astype(np.int64, copy=False)
-        if not len(rows):
-            return torch.empty(0, self.num_features)
-        if rows.min() < 0 or rows.max() >= len(self):
-            bad = rows[(rows < 0) | (rows >= len(self))][0]
-            raise IndexError(f"split {self.name!r}: row {bad} is outside [0, {len(self)})")
-        unique, inverse = np.unique(rows, return_inverse=True)
-        stored = np.empty((len(unique), self.num_features), dtype=self._np_dtype)
-        chunk = np.searchsorted(self._starts, unique, side="right") - 1
-        # One read per run of consecutive rows inside a chunk: a pass over a split is a few large reads, a
-        # random batch one small read per row.
-        cuts = np.flatnonzero((np.diff(unique) != 1) | (np.diff(chunk) != 0)) + 1
-        for a, b in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(unique)].tolist(), strict=True):
-            c = chunk[a]
-            offset = int(self._offsets[c] + (unique[a] - self._starts[c]) * self._row_bytes)
-            self._read_into(c, memoryview(stored[a:b]).cast("B"), offset)
-        # One conversion of the whole batch: torch's is vectorised, numpy's float16 cast is 3x slower.
-        out = torch.from_numpy(stored).to(torch.float32)
-        return out if len(unique) == len(rows) and bool((unique == rows).all()) else out[torch.from_numpy(inverse)]
-
-    def _read_into(self, chunk: int, buffer: memoryview, offset: int) -> None:
-        done = 0
-        while done < len(buffer):   # a regular file may still return short reads (signals, > 2 GB)
-            n = os.preadv(self._fds[chunk], [buffer[done:]], offset + done)
-            if n == 0:
-                raise ValueError(f"feature chunk {self._paths[chunk]} ended early (truncated after it was "
-                                 "opened?)")
-            done += n
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)
-
-
-def open_features(cache_dir: str | Path, split: str, *, key: CacheKey | None = None,
-                  split_sha256: str | None = None, verify: bool = True) -> CachedFeatures:
-    """The cached split as a `CachedFeatures` reader (no copy of the features; rows are read on demand).
-
-    key / split_sha256: when given, the cache must have been built with exactly these (ValueError
-    listing the differing fields otherwise). Every chunk is scanned once, through a map that is dropped
-    afterwards: its sha256 when `verify` (1.8 GB/s per core, i.e. about 3 s for 5 GB of float16 once the
-    files are in the page cache), and always its rows for inf / NaN (ValueError naming the split, the row
-    and the chunk file). A missing chunk raises FileNotFoundError, a corrupt one ValueError, naming the file.
-    """
-    cache_dir = Path(cache_dir)
-    manifest, entry = _complete_split(cache_dir, split, key, split_sha256)
-    n, d = entry["num_samples"], manifest["num_features"]
-    labels = torch.empty(n, dtype=torch.int64)
-    indices = torch.empty(n, dtype=torch.int64)
-    meta_base = {"key_digest": manifest["key_digest"], "split": split, "split_sha256": entry["split_sha256"]}
-    files, starts, covered, dtype = [], [], 0, torch.float32
-    for c in entry["chunks"]:
-        path = cache_dir / split / c["file"]
-        a, b = c["start"], c["stop"]
-        if a != covered or not a < b <= n:
-            raise ValueError(f"feature cache {cache_dir}: the chunks of split {split!r} do not tile [0, {n}) "
-                             f"(chunk {c['file']})")
-        expect = {**meta_base, "start": str(a), "stop": str(b), "sha256": c["sha256"]}
-        scanned = _read_chunk(path, expect, verify)
-        found = {name: (str(t.dtype), tuple(t.shape)) for name, t in scanned.items()}
-        wanted = {"features": (str(scanned["features"].dtype), (b - a, d)), "labels": ("torch.int64", (b - a,)),
-                  "indices": ("torch.int64", (b - a,))}
-        if found != wanted or scanned["features"].dtype not in _EXPONENT_MASK:
-            raise ValueError(f"feature chunk {path} holds {found}, expected {wanted} with float16/float32 features")
-        bad = _first_nonfinite_row(scanned["features"])
-        if bad is not None:
-            raise ValueError(f"split {split!r} of feature cache {cache_dir}: row {a + bad} has non-finite "
-                             f"features (chunk {path})")
-        labels[a:b], indices[a:b] = scanned["labels"], scanned["indices"]
-        features = scanned["features"]  # a view of the file's map: where it starts is where rows are read
-        dtype, offset = features.dtype, features.storage_offset() * features.element_size()
-        # Unmap the scanned pages (they stay in the page cache, not in this process); rows are read later.
-        del scanned, features
-        files.append((path, offset))
-        starts.append(a)
-        covered = b
-    if covered != n:
-        raise ValueError(f"feature cache {cache_dir}: the chunks of split {split!r} do not tile [0, {n})")
-    return CachedFeatures(files, starts, labels, indices, d, dtype, split)
-
-
-def load_features(cache_dir: str | Path, split: str, *, key: CacheKey | None = None,
-                  split_sha256: str | None = None, verify: bool = True) -> FeatureSplit:
-    """The cached split copied into memory: float32 features [N,d] (upcast from float16), labels, indices.
-
-    A private O(N·d) copy per process, for small splits and tests; training opens the cache with
-    `open_features` instead (rows read on demand, one page-cache copy per node). Arguments and errors as there.
-    """
-    reader = open_features(cache_dir, split, key=key, split_sha256=split_sha256, verify=verify)
-    return FeatureSplit(reader.take(torch.arange(len(reader))), reader.labels, reader.indices)

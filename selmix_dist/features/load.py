@@ -32,7 +32,7 @@ def _class_names(split_dir: str) -> list[str] | None:
 
 def cached_train_data(cfg: Config) -> TrainData:
     """Mode 'features': every split from the feature cache `data.features`, read on demand (no copy)."""
-    from selmix_dist.features.cache import open_features
+    from selmix_dist.features.reader import open_features
 
     if not cfg.data.features:
         raise ValueError("model.mode=features needs config key 'data.features' (a feature-cache directory)")

@@ -1,7 +1,7 @@
 """What the trainer trains on: labeled, partner, validation and test feature sets.
 
 A `FeatureSet` answers `take(index) -> features float32[B, d]`. In mode 'features' that is a row lookup in
-the feature cache (`selmix_dist.features.cache.open_features`: rows read from the page cache, one copy
+the feature cache (`selmix_dist.features.reader.open_features`: rows read from the page cache, one copy
 shared by the ranks of a node) or in a tensor held in memory; in mode 'online' it loads the images and runs
 the frozen backbone, with training augmentation for training draws. Every rank can take any index (the
 cache is one file set, the image source is random-access), so partners drawn from the global P never need

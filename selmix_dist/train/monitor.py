@@ -1,8 +1,9 @@
 """Run monitoring from rank 0: the text log, TensorBoard, history.jsonl, the progress bar.
 
 Other ranks get a `Monitor` whose methods do nothing, so the trainer never branches on rank to log.
-On resume, TensorBoard's `purge_step` drops events the interrupted run wrote after its checkpoint and
-history.jsonl is truncated to the same step, so curves continue without duplicates.
+On resume, TensorBoard's `purge_step` drops the events an interrupted run wrote from its checkpoint's step
+on (the resumed run writes them again) and history.jsonl is truncated at the same step, so curves continue
+without duplicates or gaps.
 The text log is Python `logging` under the `selmix_dist` logger: rank 0 prints INFO to the console (through
 the progress bar) and to run.dir/train.log; other ranks print warnings only, prefixed with their rank.
 """
@@ -125,7 +126,10 @@ class Monitor:
     """Rank-0 logging sink. `enabled=False` makes every call a no-op (other ranks)."""
 
     def __init__(self, run_dir, *, enabled: bool, tensorboard: bool, start_step: int, total_steps: int,
-                 progress: bool, class_names: list[str] | None = None):
+                 progress: bool, class_names: list[str] | None = None, first_new_step: int | None = None):
+        """start_step: where training resumes; first_new_step (default start_step): the first step whose
+        records this run writes (earlier ones are kept, later ones dropped as an interrupted run's)."""
+        first_new_step = start_step if first_new_step is None else first_new_step
         self.enabled = enabled
         self.writer = None
         self.bar = None
@@ -136,13 +140,13 @@ class Monitor:
         self._snapshot: dict | None = None
         if not enabled:
             return
-        _truncate_history(self.history_path, start_step)
+        _truncate_history(self.history_path, first_new_step)
         self.history_path.touch()
         run_dir.record(self.history_path)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir.tensorboard), purge_step=start_step if start_step > 0 else None)
+            self.writer = SummaryWriter(str(run_dir.tensorboard), purge_step=first_new_step or None)
             run_dir.record(Path(self.writer.file_writer.event_writer._file_name))
         if progress:
             from tqdm.auto import tqdm
@@ -278,8 +282,9 @@ def _finite(metrics: dict[str, float]) -> dict[str, float]:
     return metrics
 
 
-def _truncate_history(path: Path, start_step: int) -> None:
-    """Keep only complete records up to `start_step` (a killed run may have written past its checkpoint)."""
+def _truncate_history(path: Path, first_new_step: int) -> None:
+    """Keep only the complete records before `first_new_step` (a killed run may have written past its
+    checkpoint; this run writes the records from that step on)."""
     if not path.exists():
         return
     kept = []
@@ -288,6 +293,6 @@ def _truncate_history(path: Path, start_step: int) -> None:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if record.get("step", math.inf) < start_step:
+        if record.get("step", math.inf) < first_new_step:
             kept.append(line)
     atomic.write_text(path, "".join(k + "\n" for k in kept))

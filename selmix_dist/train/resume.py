@@ -30,6 +30,11 @@ class ResumePlan:
     complete: bool = False                   # the run finished: nothing is written, nothing is run
     changes: dict[str, tuple] = field(default_factory=dict)  # result-neutral keys that differ
 
+    @property
+    def extends_finished(self) -> bool:
+        """A finished run resumed for more steps (run.extend_steps): its last step is fully logged."""
+        return self.state is not None and bool(self.state.get("complete")) and not self.complete
+
     def apply(self, trainer: Trainer, head, optimizer) -> None:
         """Load the checkpoint into the trainer's components (before accelerate.prepare)."""
         s = self.state

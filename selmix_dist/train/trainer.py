@@ -100,9 +100,12 @@ class Trainer:
             return self.summary("already_complete")
         cfg = self.cfg
         write_run_files(self)
+        # A finished run logged every record of its last step (validation, test, the best head on test);
+        # extended, it keeps them and logs from the next step on. A resumed run redoes its step's records.
+        first_new = self.step + 1 if self.plan.extends_finished else self.step
         monitor = Monitor(self.run_dir, enabled=self.run_dir.main, tensorboard=cfg.log.tensorboard,
-                          start_step=self.step, total_steps=cfg.run.steps, progress=cfg.log.progress,
-                          class_names=self.data.class_names)
+                          start_step=self.step, first_new_step=first_new, total_steps=cfg.run.steps,
+                          progress=cfg.log.progress, class_names=self.data.class_names)
         if self.step == 0:
             monitor.run_config(flatten(cfg), (self.run_dir / "config.yaml").read_text() if self.run_dir.main else "",
                                [f"{s}/{self.objective.target_metric}" for s in ("val", "test")])
@@ -121,7 +124,7 @@ class Trainer:
                         break
                 if self.step >= cfg.run.steps:
                     break
-                if self.data.test is not None and (self.step == 0 or (
+                if self.data.test is not None and self.step >= first_new and (self.step == 0 or (
                         cfg.run.test_every and self.step % cfg.run.test_every == 0)):
                     self._log_eval(monitor, self.data.test, "test")
                 self.train_step(monitor)

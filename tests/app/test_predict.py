@@ -16,7 +16,7 @@ import torch
 from timm.data import create_transform, resolve_data_config
 
 from selmix_dist.data.splits import load_manifest
-from selmix_dist.features.cache import load_features
+from selmix_dist.features.reader import load_features
 
 REPO = Path(__file__).resolve().parents[2]
 # Probabilities from images vs from cached features: softmax is 1/2-Lipschitz per entry in the max-norm of the

@@ -19,7 +19,7 @@ from selmix_dist.experiments.methods import KINDS, PosthocSettings, method_kind
 from selmix_dist.experiments.runner import result_keys, run_experiment, select_methods, with_starts
 from selmix_dist.experiments.spec import parse_spec
 from selmix_dist.experiments.store import ResultStore
-from selmix_dist.features.cache import load_features
+from selmix_dist.features.reader import load_features
 
 REPO = Path(__file__).resolve().parents[2]
 CALLS: list[tuple[int, int]] = []

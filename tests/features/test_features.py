@@ -12,13 +12,8 @@ import torch
 from PIL import Image
 
 from selmix_dist.features.backbones import build_backbone
-from selmix_dist.features.cache import (
-    CacheKey,
-    extract_features,
-    load_features,
-    read_manifest,
-    split_content_sha256,
-)
+from selmix_dist.features.cache import CacheKey, extract_features, read_manifest, split_content_sha256
+from selmix_dist.features.reader import load_features
 
 N, CHUNK, BATCH = 37, 8, 3  # 5 chunks, the last one short; a chunk holds 3 batches of 3, 3, 2
 MODEL = "test_resnet"  # timm's tiny ResNet (BatchNorm, pooled pre-logits): cheap to build and run

@@ -14,7 +14,7 @@ import torch
 from helpers.feature_cache import write_feature_cache
 from safetensors.torch import load_file
 
-from selmix_dist.features.cache import load_features, open_features
+from selmix_dist.features.reader import load_features, open_features
 from selmix_dist.features.sets import FeatureSet
 from selmix_dist.memory import map_large_blocks, release_freed_memory
 

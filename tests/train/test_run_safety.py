@@ -84,6 +84,26 @@ def test_resume_records_neutral_changes_and_extends_steps_smoothly(tmp_path):
     assert final_head(tmp_path)["summary"]["step"] == 80
 
 
+def test_extending_a_finished_run_keeps_every_record_of_its_last_step(tmp_path):
+    """The finished run's last step has its validation, test and best-head records; the extension continues
+    after them (before the fix, history.jsonl and TensorBoard lost the validation record of that step)."""
+    ok(run_script(tmp_path))
+    finished = history(tmp_path)
+    last = finished[-1]["step"]
+    assert {r["split"] for r in finished if r["step"] == last} == {"val", "test", "test_best"}
+    ok(run_script(tmp_path, "run.steps=80", "run.extend_steps=true"))
+    extended = history(tmp_path)
+    assert extended[:len(finished)] == finished
+    assert extended[len(finished):] and all(r["step"] > last for r in extended[len(finished):])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    for split in ("val", "test"):
+        logged = [e.step for e in acc.Scalars(f"{split}/min_recall")]
+        assert logged == [r["step"] for r in extended if r["split"] == split], split
+
+
 def test_lock_refuses_a_second_run_and_names_the_holder(tmp_path):
     proc = subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path), *COMMON, "run.steps=100000",
                              "log.progress=false"], env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO,
