@@ -38,7 +38,7 @@ from selmix_dist.data.sources import decode_image
 from selmix_dist.data.splits import _sha256 as file_sha256
 from selmix_dist.features.backbones import LITE_PACKAGES, FrozenBackbone, build_backbone, build_backbone_from_spec
 from selmix_dist.features.cache import MANIFEST, CacheKey, read_manifest
-from selmix_dist.report import load_history
+from selmix_dist.report import head_test_records, load_history
 from selmix_dist.train.checkpointer import latest_valid_checkpoint
 
 __all__ = ["EXPORT_META", "RunHead", "backbone_of_cache", "backbone_of_run", "build_classifier",
@@ -231,11 +231,12 @@ def build_classifier(run_dir: str | Path, which: str = "best") -> tuple[nn.Modul
 
 
 def _eval_metrics(run_dir: Path, head: RunHead) -> dict[str, Any]:
-    """{split: {"step", "metrics"} or None}: the run's evaluations of exactly this head (history.jsonl at its
-    step). None where the split was not evaluated at that step (the test set only every run.test_every)."""
+    """{split: {"step", "metrics"} or None}: the run's evaluations of exactly this head (history.jsonl: at its
+    step, or for test the end-of-run evaluation of the best head). None where the split was not evaluated."""
     history = load_history(run_dir, len(head.class_names)) if (run_dir / "history.jsonl").is_file() else []
-    found = {r["split"]: {"step": r["step"], "metrics": r["metrics"]} for r in history if r["step"] == head.step}
-    return {split: found.get(split) for split in ("val", "test")}
+    found = {"val": {r["step"]: r for r in history if r["split"] == "val"}.get(head.step),
+             "test": head_test_records(history).get(head.step)}
+    return {split: r and {"step": r["step"], "metrics": r["metrics"]} for split, r in found.items()}
 
 
 def _check_out_dir(out: Path) -> None:

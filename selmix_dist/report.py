@@ -137,6 +137,14 @@ def load_distribution(run_dir: Path, name: str, num_classes: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- summary
+def head_test_records(history: list[dict]) -> dict[int, dict]:
+    """{head step: its test record}: 'test' records at their step, and the trainer's end-of-run evaluation
+    of the best head (split 'test_best', the head's step in 'head_step'), filed under that step."""
+    out = {r["step"]: r for r in history if r["split"] == "test"}
+    out.update({r["head_step"]: {**r, "step": r["head_step"]} for r in history if r["split"] == "test_best"})
+    return out
+
+
 def summarise(history: list[dict], target_metric: str) -> dict:
     """first / last / best evaluations per split (see the module docstring for the best-step rule)."""
     by_split = {s: [r for r in history if r["split"] == s] for s in SPLITS}
@@ -153,9 +161,7 @@ def summarise(history: list[dict], target_metric: str) -> dict:
         return max(records, key=lambda r: (r["metrics"][target_metric], -r["step"]))
 
     best_val = best_of(val)
-    test_by_step = {r["step"]: r for r in by_split["test"]}
-    # The trainer evaluates the best head on test at the end (split 'test_best', its step in 'head_step').
-    test_by_step.update({r["head_step"]: {**r, "step": r["head_step"]} for r in history if r["split"] == "test_best"})
+    test_by_step = head_test_records(history)
     tested = [r for r in val if r["step"] in test_by_step]
     best_tested = best_of(tested) if tested else None
     out: dict[str, Any] = {

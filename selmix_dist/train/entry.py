@@ -37,7 +37,10 @@ def cpu_threads() -> int:
 def train(cfg: Config, preemption: Preemption | None = None) -> dict[str, Any]:
     """Run one SelMix fine-tuning job as configured; returns the trainer's summary."""
     preemption = preemption or Preemption(cfg.run.requeue).install()
-    torch.set_num_threads(cpu_threads())
+    threads = cpu_threads()
+    torch.set_num_threads(threads)
+    # accelerate's multi-CPU set-up otherwise applies its own count (physical cores per rank) with a warning.
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     acc = dist.make_accelerator()
     rank, world = dist.world_info()
     setup_logging(rank)

@@ -70,8 +70,10 @@ def test_export_metadata_matches_the_run_files(lite_run, lite_export):
     val = next(h for h in history if h["split"] == "val" and h["step"] == best["step"])
     assert meta["metrics"]["val"] == {"step": best["step"], "metrics": val["metrics"]}
     assert meta["metrics"]["val"]["metrics"]["min_recall"] == pytest.approx(best["metric"])
-    tested = [h for h in history if h["split"] == "test" and h["step"] == best["step"]]
-    assert meta["metrics"]["test"] == ({"step": best["step"], "metrics": tested[0]["metrics"]} if tested else None)
+    # the test evaluation of that head: at its step, or the trainer's final one of the best head
+    tested = [h for h in history if (h["split"], h["step"]) == ("test", best["step"])
+              or (h["split"], h.get("head_step")) == ("test_best", best["step"])]
+    assert meta["metrics"]["test"] == {"step": best["step"], "metrics": tested[-1]["metrics"]}
     assert meta["objective"] == "min_recall" and meta["backbone"]["weights"] == "lite"
 
 
@@ -210,3 +212,24 @@ def test_best_pt_names_its_backbone_and_class_names(lite_run):
     assert best["backbone"]["transform"] == lite.transform_description()
     assert best["class_names"] == sorted(p.name for p in lite_run["images"].iterdir() if p.is_dir())
     assert best["config"]["data"]["features"] == str(lite_run["cache"])
+
+
+def test_exported_metrics_include_the_final_test_of_the_best_head(tmp_path):
+    """A best head whose step had no scheduled test evaluation: its test metrics are the trainer's final
+    evaluation of it (split 'test_best'), not None."""
+    from types import SimpleNamespace
+
+    from selmix_dist.classifier import _eval_metrics
+
+    def rec(step, split, value, **extra):
+        return {"step": step, "split": split, "metrics": {"min_recall": value}, "per_class_recall": [value] * 2,
+                **extra}
+
+    history = [rec(0, "val", 0.1), rec(0, "test", 0.2), rec(30, "val", 0.9), rec(60, "val", 0.5),
+               rec(60, "test", 0.4), rec(60, "test_best", 0.7, head_step=30)]
+    (tmp_path / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    found = _eval_metrics(tmp_path, SimpleNamespace(step=30, class_names=["a", "b"]))
+    assert found == {"val": {"step": 30, "metrics": {"min_recall": 0.9}},
+                     "test": {"step": 30, "metrics": {"min_recall": 0.7}}}
+    last = _eval_metrics(tmp_path, SimpleNamespace(step=60, class_names=["a", "b"]))
+    assert last["test"] == {"step": 60, "metrics": {"min_recall": 0.4}}

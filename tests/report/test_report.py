@@ -19,6 +19,7 @@ from selmix_dist.report import (
     bin_matrix,
     bin_vector,
     frequency_bins,
+    head_test_records,
     markdown_table,
     write_report,
 )
@@ -122,6 +123,15 @@ def test_best_test_column_uses_best_validation_step_among_tested_steps(tmp_path)
     assert report["splits"]["val"]["best"]["metrics"] == records[(150, "val")]["metrics"]
     assert report["splits"]["test"]["best"]["metrics"] == records[(200, "test")]["metrics"]
     assert "test best is at step 200" in (run / "report.md").read_text()
+
+
+def test_the_final_evaluation_of_the_best_head_is_filed_under_its_step():
+    def rec(step, split, **extra):
+        return {"step": step, "split": split, "metrics": {TARGET: step / 1000 + len(split)}, **extra}
+
+    history = [rec(0, "val"), rec(0, "test"), rec(150, "val"), rec(250, "val"), rec(250, "test"),
+               rec(250, "test_best", head_step=150)]
+    assert head_test_records(history) == {0: history[1], 250: history[4], 150: {**history[5], "step": 150}}
 
 
 def test_report_without_test_split_and_many_classes(tmp_path):
