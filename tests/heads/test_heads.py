@@ -123,6 +123,34 @@ def test_ce_head_matches_sklearn_logistic_regression(digits):
     np.testing.assert_allclose(probs, ref.predict_proba(x.double().numpy()), atol=1e-4)
 
 
+def test_blocked_full_batch_objective_and_gradient_equal_the_one_block_ones(digits, monkeypatch):
+    """Above BLOCK_LOGITS the L-BFGS objective is summed over row blocks (the last one short), the features
+    converted per block; value and gradient equal the one-block computation at a random head."""
+    from selmix_dist.heads import fit as fit_module
+
+    x, y = digits
+    gen = torch.Generator().manual_seed(0)
+    point = (torch.randn(10, x.shape[1], generator=gen, dtype=torch.float64) * 0.1,
+             torch.randn(10, generator=gen, dtype=torch.float64))
+    adjustment = torch.log(torch.bincount(y, minlength=10).double() / len(y)) * 0.7
+
+    def value_and_grads():
+        weight, bias = (t.clone().requires_grad_(True) for t in point)
+        value = fit_module.full_batch_backward(weight, bias, x, y, adjustment, 1e-2)
+        return value, weight.grad, bias.grad
+
+    one, head = value_and_grads(), fit_head(x, y, 10, weight_decay=1e-2)
+    monkeypatch.setattr(fit_module, "BLOCK_LOGITS", 10 * 97)  # 97-row blocks: 19 blocks, the last of 51 rows
+    blocked, blocked_head = value_and_grads(), fit_head(x, y, 10, weight_decay=1e-2)
+    for a, b in zip(one, blocked, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-15)
+    with torch.no_grad():  # and both are the objective written out
+        direct = head_objective(point[0], point[1], x.double(), y, adjustment, 1e-2)
+    torch.testing.assert_close(blocked[0], direct, rtol=1e-12, atol=0)
+    torch.testing.assert_close(blocked_head.weight, head.weight, rtol=0, atol=1e-5)  # the same optimum
+    assert not torch.equal(blocked_head.weight, head.weight)  # (reached by another summation order)
+
+
 def test_logit_adjusted_head_is_a_shifted_ce_head(imbalanced_digits):
     # Only W is regularised, so CE(Wx + b + tau log pi) is CE re-parameterised by b' = b + tau log pi:
     # the LA optimum has the CE weights and bias b_CE - tau log pi (up to a shared constant), i.e. it is
