@@ -5,7 +5,8 @@ confusion matrix (min recall, H-mean, ... see "objectives" below) out.
     python launch/train.py run.dir=runs/mine data.features=runs/mine/features data.split_dir=runs/mine/split
     accelerate launch launch/train.py --config C.yaml [section.key=value ...]  (every GPU of the node)
     python launch/train.py --nproc-per-node 2 --config C.yaml   (2 ranks forked from this process: they share
-                                                                 its memory; one node)
+                                                                 its memory; on more nodes add --nnodes,
+                                                                 --node-rank and --master-addr, one call a node)
     python launch/train.py --help-config        (every config key with its default and documentation)
 
 Settings come from the defaults, then --config, then section.key=value overrides (later wins).
@@ -98,6 +99,12 @@ def run(argv: list[str], debug: bool = False) -> int:
                    help="start N ranks on this node, forked from this process once it has imported torch and the "
                         "trainer, so that they share that memory (about 0.5 GB a rank; README, Benchmarks); for one "
                         "node, instead of accelerate launch")
+    nodes = p.add_argument_group("several nodes with --nproc-per-node (as torchrun's; one call per node)")
+    nodes.add_argument("--nnodes", type=int, default=1, metavar="N", help="number of nodes (default 1)")
+    nodes.add_argument("--node-rank", type=int, default=0, metavar="R", help="this node's rank, 0 … N−1")
+    nodes.add_argument("--master-addr", default="", metavar="HOST", help="the host of node 0")
+    nodes.add_argument("--master-port", type=int, default=29500, metavar="PORT",
+                       help="the port node 0 listens on (default 29500)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. run.steps=3000 optim.lr=3e-3")
     args = p.parse_intermixed_args(argv)  # options may come between the overrides
     from selmix_dist.train.config import describe, load_config
@@ -107,6 +114,8 @@ def run(argv: list[str], debug: bool = False) -> int:
         print()
         print(objectives_help())
         return 0
+    if args.nproc_per_node is None and (args.nnodes != 1 or args.node_rank or args.master_addr):
+        raise ValueError("--nnodes, --node-rank and --master-addr start forked ranks: give --nproc-per-node too")
     cfg = load_config(args.config, args.overrides)
     if args.nproc_per_node is None:
         preemption.requeue_enabled = cfg.run.requeue
@@ -115,7 +124,8 @@ def run(argv: list[str], debug: bool = False) -> int:
     from selmix_dist.train import entry  # noqa: F401 - imported once here, shared by the forked ranks
 
     preemption.uninstall()  # the launcher forwards SIGTERM to the ranks; each rank handles its signals
-    return dist.launch_forked(forked_rank, args.nproc_per_node, cfg, debug)
+    return dist.launch_forked(forked_rank, args.nproc_per_node, cfg, debug, nnodes=args.nnodes,
+                              node_rank=args.node_rank, master=f"{args.master_addr}:{args.master_port}")
 
 
 def main(argv: list[str] | None = None) -> int:

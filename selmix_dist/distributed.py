@@ -16,7 +16,6 @@ import os
 import signal
 import sys
 import tempfile
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -177,8 +176,13 @@ def unwrap(accelerator, model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def launch_forked(rank_main: Callable[..., int], nprocs: int, *args: Any) -> int:
+def launch_forked(rank_main: Callable[..., int], nprocs: int, *args: Any, nnodes: int = 1, node_rank: int = 0,
+                  master: str = "") -> int:
     """Run `rank_main(*args)` on `nprocs` ranks of this node, forked from this process; the run's exit code.
+
+    Several nodes: call it on each with the same `nnodes` and `master` ("host:port", where node 0 listens)
+    and that node's `node_rank`; node r's ranks are r·nprocs … (r+1)·nprocs − 1 (static rendezvous, as
+    torchrun's --node-rank). One node: rendezvous on a free local port, `master` unused.
 
     Why fork: a rank started by `accelerate launch` or torchrun is a new interpreter that imports torch and
     the package again, about 0.5 GB of its own memory each with this torch build (README, Benchmarks). A
@@ -188,8 +192,8 @@ def launch_forked(rank_main: Callable[..., int], nprocs: int, *args: Any) -> int
     in its first parallel operation (seen after one 800 × 800 product in the parent). This freezes the
     garbage collector's view of the imported objects, so that collections in the ranks do not copy them.
 
-    torch elastic's agent runs here (rendezvous on a free local port, every rank's RANK, LOCAL_RANK,
-    WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT set as torchrun does). A signal to this process (SIGTERM,
+    torch elastic's agent runs here (every rank's RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
+    MASTER_ADDR/PORT set as torchrun does). A signal to this process (SIGTERM,
     SIGINT, SIGHUP, SIGQUIT) is forwarded to the ranks, and this returns 128 + its number once they have
     exited; on SIGTERM a rank in its training loop saves the latest step boundary first. SIGUSR1 (SLURM
     signals every process of a step) is ignored here and handled by the ranks.
@@ -198,8 +202,13 @@ def launch_forked(rank_main: Callable[..., int], nprocs: int, *args: Any) -> int
     lowest failed rank's code (1 for a rank that raised, or died by a signal); every failed rank is named
     on stderr.
     """
-    if nprocs < 1:
-        raise ValueError(f"cannot start {nprocs} ranks; give at least 1")
+    if nprocs < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:
+        raise ValueError(f"cannot start {nprocs} ranks on node {node_rank} of {nnodes}; need at least 1 rank and "
+                         "1 node, and 0 <= node rank < number of nodes")
+    host, _, port = master.rpartition(":")
+    if nnodes > 1 and not (host and port.isdigit()):
+        raise ValueError(f"{nnodes} nodes need the master's address as HOST:PORT (the port node 0 listens on), "
+                         f"got {master!r}")
     if "LOCAL_RANK" in os.environ or is_initialized():
         raise ValueError("this process is already a rank of a launched run (accelerate launch / torchrun set "
                          "LOCAL_RANK); start the forked ranks from a plain `python` process")
@@ -218,9 +227,12 @@ def launch_forked(rank_main: Callable[..., int], nprocs: int, *args: Any) -> int
     # the system's temporary directory per launch).
     logs = tempfile.TemporaryDirectory(prefix="selmix_ranks_")
     try:
-        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=uuid.uuid4().hex,
-                              rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-                              start_method="fork", logs_specs=DefaultLogsSpecs(log_dir=logs.name))
+        rendezvous = (dict(rdzv_backend="static", rdzv_endpoint=master, rdzv_configs={"rank": node_rank})
+                      if nnodes > 1 else dict(rdzv_backend="c10d", rdzv_endpoint="localhost:0"))
+        # One run id on every node: the static rendezvous keys its store by it.
+        config = LaunchConfig(min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=nprocs, run_id="selmix_dist",
+                              max_restarts=0, start_method="fork", logs_specs=DefaultLogsSpecs(log_dir=logs.name),
+                              **rendezvous)
         codes = {rank: int(code) for rank, code in elastic_launch(config, rank_main)(*args).items() if code}
     except ChildFailedError as err:  # a rank raised or died
         codes = {rank: failure.exitcode if failure.exitcode > 0 else 1 for rank, failure in err.failures.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -97,20 +98,43 @@ def test_sigterm_to_the_forked_launcher_checkpoints_and_the_run_resumes_bitwise(
         assert torch.equal(value, head(tmp_path / "reference", 1000)[key]), key
 
 
+@pytest.mark.slow
+def test_two_nodes_of_forked_ranks_train_what_one_node_trains(cache, tmp_path):
+    """Two launchers (`--nnodes 2 --node-rank 0|1`, one rank each) meet at node 0's port: the same head as the
+    two ranks of one node, bit for bit."""
+    with socket.socket() as probe:  # a free port for node 0 to listen on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nodes = [train([sys.executable], tmp_path / "two_nodes", cache, "--nproc-per-node", "1", "--nnodes", "2",
+                   "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in (0, 1)]
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-3000:]
+    ok(train([sys.executable], tmp_path / "one_node", cache, "--nproc-per-node", "2"))
+    for key, value in head(tmp_path / "two_nodes").items():
+        assert torch.equal(value, head(tmp_path / "one_node")[key]), key
+
+
 def test_a_rank_that_fails_is_named_and_its_error_kept(cache, tmp_path):
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     proc = train([sys.executable], tmp_path / "run", tmp_path / "no_such_cache", "--nproc-per-node", "2",
                  env={**ENV, "TMPDIR": str(scratch)})
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert not list(scratch.iterdir())  # the launcher's per-rank error files are gone with it
+    # the launcher's per-rank error files are gone with it (torch's own caches may stay)
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith(("selmix_ranks_", "torchelastic_"))]
     assert proc.stderr.count("error: ") == 3  # each rank's one-line error, then the launcher's
     assert "no_such_cache" in proc.stderr and "Traceback" not in proc.stderr
     assert "rank 0 failed with exit code 2; rank 1 failed with exit code 2" in proc.stderr
 
 
-def test_forking_ranks_from_inside_a_rank_is_refused(cache, tmp_path):
+def test_forking_ranks_from_inside_a_rank_or_without_a_master_is_refused(cache, tmp_path):
     proc = train([sys.executable], tmp_path / "run", cache, "--nproc-per-node", "2",
                  env={**ENV, "LOCAL_RANK": "0"})
     assert proc.returncode == 2 and "already a rank of a launched run" in proc.stderr
+    proc = train([sys.executable], tmp_path / "run", cache, "--nproc-per-node", "2", "--nnodes", "2")
+    assert proc.returncode == 2 and "need the master's address as HOST:PORT" in proc.stderr
+    proc = train([sys.executable], tmp_path / "run", cache, "--nnodes", "2", "--master-addr", "node-a")
+    assert proc.returncode == 2 and "give --nproc-per-node too" in proc.stderr
     assert not (tmp_path / "run").exists()

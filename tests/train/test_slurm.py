@@ -8,6 +8,7 @@ arguments. If the template expanded $SLURM_NODEID in the batch shell, both nodes
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,43 @@ def test_sigusr1_requeues_under_slurm(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert calls.read_text().split() == ["requeue", "4242"]
     assert (tmp_path / "run" / "checkpoints" / "step_00000010.pt").exists()
+
+
+def test_sbatch_with_forked_ranks_trains_on_two_simulated_nodes(tmp_path):
+    """LAUNCHER=fork: each node's task forks its ranks (launch/train.py --nproc-per-node) and the nodes meet at
+    the first host; run for real on this machine (two nodes of one CPU rank, started together by the fake
+    srun), they train the head that two ranks of one node train."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "tests" / "scripts"))
+    from synthetic_run import write_synthetic_cache
+
+    cache, bin_dir = tmp_path / "cache", tmp_path / "bin"
+    write_synthetic_cache(cache)
+    bin_dir.mkdir()
+    _fake(bin_dir, "scontrol", 'printf "127.0.0.1\\nnode-b\\n"\n')
+    _fake(bin_dir, "srun", 'for n in 0 1; do SLURM_NODEID=$n bash -c "${@: -1}" & done; wait -n && wait -n\n')
+    _fake(bin_dir, "python", f'exec {sys.executable} "$@"\n')  # the environment's interpreter
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "run.yaml"
+    config.write_text(f"run: {{steps: 40, refresh_every: 10, checkpoint_every: 20}}\n"
+                      f"data: {{features: {cache}, eval_batch_size: 64}}\n"
+                      "model: {mode: features, init_head: la, init_head_steps: 30}\n"
+                      "optim: {batch_size: 32, lr: 0.05}\nlog: {progress: false, tensorboard: false}\n")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-[a-b]",
+           "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "1", "LAUNCHER": "fork", "MASTER_PORT": str(port),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(SBATCH), str(config), f"run.dir={tmp_path / 'slurm'}"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stderr
+    one_node = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--config", str(config),
+                               "--nproc-per-node", "2", f"run.dir={tmp_path / 'one_node'}"],
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+    assert one_node.returncode == 0, one_node.stderr[-3000:]
+    heads = [torch.load(tmp_path / name / "checkpoints" / "step_00000040.pt", weights_only=False)["head"]
+             for name in ("slurm", "one_node")]
+    assert all(torch.equal(heads[0][key], heads[1][key]) for key in heads[1])
