@@ -105,8 +105,7 @@ def full_batch_backward(weight: torch.Tensor, bias: torch.Tensor, features: torc
     """`head_objective` over all rows, its gradient accumulated into weight.grad / bias.grad; the value.
 
     features [N, d] in any float dtype, converted to weight's dtype block by block (BLOCK_LOGITS)."""
-    n, k = features.shape[0], weight.shape[0]
-    rows = max(1, BLOCK_LOGITS // k)
+    n, rows = features.shape[0], _block_rows(weight.shape[0])
     if n <= rows:
         value = head_objective(weight, bias, features.to(weight.dtype), labels, adjustment, weight_decay)
         value.backward()
@@ -124,7 +123,13 @@ def full_batch_backward(weight: torch.Tensor, bias: torch.Tensor, features: torc
     return value
 
 
+def _block_rows(num_classes: int) -> int:
+    return max(1, BLOCK_LOGITS // num_classes)
+
+
 def _run_lbfgs(weight, bias, features, labels, adjustment, weight_decay, max_iter, tol) -> None:
+    if features.shape[0] <= _block_rows(weight.shape[0]):
+        features = features.to(weight.dtype)  # one block: converted once here, not at every evaluation
     opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, max_eval=2 * max_iter,
                             tolerance_grad=tol, tolerance_change=1e-12, history_size=20,
                             line_search_fn="strong_wolfe")
