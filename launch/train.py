@@ -42,7 +42,7 @@ def objectives_help() -> str:
 
 
 def common_keys_help() -> str:
-    from selmix_dist.train.config import Config, all_keys
+    from selmix_dist.config import Config, all_keys
 
     default, docs = Config().to_dict(), all_keys()
     lines = ["common config keys (default):"]
@@ -59,7 +59,7 @@ def shipped_configs_help() -> str:
 
     import yaml
 
-    from selmix_dist.train.config import Config
+    from selmix_dist.config import Config
 
     sections = {f.name for f in dataclasses.fields(Config)}
     files = []
@@ -97,7 +97,7 @@ def run(argv: list[str], debug: bool = False) -> int:
                    help="print every config key with its default and documentation, then the objectives, and exit")
     p.add_argument("--nproc-per-node", type=int, metavar="N",
                    help="start N ranks on this node, forked from this process once it has imported torch and the "
-                        "trainer, so that they share that memory (about 0.5 GB a rank; README, Benchmarks); for one "
+                        "trainer, so that they share that memory (about 0.5 GB a rank; docs/benchmarks.md); for one "
                         "node, instead of accelerate launch")
     nodes = p.add_argument_group("several nodes with --nproc-per-node (as torchrun's; one call per node)")
     nodes.add_argument("--nnodes", type=int, default=1, metavar="N", help="number of nodes (default 1)")
@@ -107,7 +107,7 @@ def run(argv: list[str], debug: bool = False) -> int:
                        help="the port node 0 listens on (default 29500)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. run.steps=3000 optim.lr=3e-3")
     args = p.parse_intermixed_args(argv)  # options may come between the overrides
-    from selmix_dist.train.config import describe, load_config
+    from selmix_dist.config import describe, load_config
 
     if args.help_config:
         print(describe())

@@ -7,7 +7,7 @@ training loop with its components), `experiments` (the generic experiment runner
 is the one module that talks to accelerate / torch.distributed; `atomic` the one that renames files.
 """
 
-__version__ = "0.1.0"
+from selmix_dist.version import __version__  # noqa: F401 - the package's public version
 
 
 def __getattr__(name: str):  # PEP 562: `selmix_dist.load_classifier` without importing torch/timm on every import

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from typing import Any
 import timm
 import torch
 import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save as save_safetensors
 from timm.data import create_transform, resolve_data_config
 from timm.models._hub import save_config_for_hf
@@ -33,13 +36,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from selmix_dist import __version__, atomic
+from selmix_dist import atomic
 from selmix_dist.data.sources import decode_image
 from selmix_dist.data.splits import _sha256 as file_sha256
 from selmix_dist.features.backbones import LITE_PACKAGES, FrozenBackbone, build_backbone, build_backbone_from_spec
 from selmix_dist.features.cache import MANIFEST, CacheKey, read_manifest
 from selmix_dist.report import head_test_records, load_history
+from selmix_dist.torch_files import load_tensors
 from selmix_dist.train.checkpointer import latest_valid_checkpoint
+from selmix_dist.version import __version__
 
 __all__ = ["EXPORT_META", "RunHead", "backbone_of_cache", "backbone_of_run", "build_classifier",
            "export_classifier", "load_classifier", "predict_probabilities", "read_run_head"]
@@ -48,7 +53,7 @@ EXPORT_META = "selmix_export.json"
 EXPORT_FORMAT = "selmix_dist.export/1"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-WHICH = ("best", "last")
+WHICH = ("best", "last", "plugin")   # plugin: checkpoints/plugin.pt of a run with plugin.enabled
 # Probe check of classifier(pre_logits) == head(features): float32 rounding only (the same weights run in
 # another memory layout / summation order), far below any real mismatch (those are O(1) in logits).
 PROBE_RTOL = 1e-4
@@ -66,6 +71,7 @@ class RunHead:
     config: dict[str, Any]
     meta: dict[str, Any]
     metric: float | None  # the validation target metric stored with best.pt (None for step checkpoints)
+    plugin: dict[str, Any] | None = None  # plugin.pt: the plug-in's record (its weights, val and test metrics)
 
 
 def _json(path: Path) -> Any:
@@ -76,10 +82,7 @@ def _json(path: Path) -> Any:
 
 
 def _torch_load(path: Path) -> dict[str, Any]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - truncated or foreign files raise many kinds of errors
-        raise ValueError(f"checkpoint {path} cannot be read: {err}") from err
+    state = load_tensors(path, "checkpoint")
     if not isinstance(state, dict) or not isinstance(state.get("head"), dict):
         raise ValueError(f"checkpoint {path} holds no 'head' state dict")
     return state
@@ -102,6 +105,12 @@ def read_run_head(run_dir: str | Path, which: str = "best") -> RunHead:
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist: the run has not recorded a best head yet "
                                     "(use which='last' for its latest step checkpoint)")
+        state = _torch_load(path)
+    elif which == "plugin":
+        path = ckpt_dir / "plugin.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: the run was not trained with plugin.enabled=true "
+                                    "(or has not finished); tools/plugin.py adds a plug-in to an exported classifier")
         state = _torch_load(path)
     else:
         found = latest_valid_checkpoint(ckpt_dir)
@@ -126,9 +135,9 @@ def read_run_head(run_dir: str | Path, which: str = "best") -> RunHead:
                          f"is not [K, d] with K = {len(class_names)} class names")
     bias = head.get("bias")
     bias = torch.zeros(weight.shape[0]) if bias is None else bias
-    metric = state.get("metric") if which == "best" else None
+    metric = state.get("metric") if which in ("best", "plugin") else None
     return RunHead(path, int(state["step"]), weight.float(), bias.float(), [str(n) for n in class_names],
-                   config, meta, None if metric is None else float(metric))
+                   config, meta, None if metric is None else float(metric), state.get("plugin"))
 
 
 def _config_value(config: dict[str, Any], key: str, where: str) -> Any:
@@ -232,7 +241,11 @@ def build_classifier(run_dir: str | Path, which: str = "best") -> tuple[nn.Modul
 
 def _eval_metrics(run_dir: Path, head: RunHead) -> dict[str, Any]:
     """{split: {"step", "metrics"} or None}: the run's evaluations of exactly this head (history.jsonl: at its
-    step, or for test the end-of-run evaluation of the best head). None where the split was not evaluated."""
+    step, or for test the end-of-run evaluation of the best head; a plug-in head's own evaluations). None where
+    the split was not evaluated."""
+    if head.plugin is not None:
+        return {split: {"step": head.step, "metrics": head.plugin[split]} if split in head.plugin else None
+                for split in ("val", "test")}
     history = load_history(run_dir, len(head.class_names)) if (run_dir / "history.jsonl").is_file() else []
     found = {"val": {r["step"]: r for r in history if r["split"] == "val"}.get(head.step),
              "test": head_test_records(history).get(head.step)}
@@ -291,6 +304,39 @@ def export_classifier(run_dir: str | Path, out: str | Path, which: str = "best")
     return meta
 
 
+def write_plugin_export(src: str | Path, out: str | Path, log_weights: torch.Tensor,
+                        record: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the export `src` in `out` whose classifier bias is b + log g (float[K] ``log_weights``), with
+    the plug-in's ``record`` in selmix_export.json; returns that file's content. `out` must be new, empty or an
+    earlier export, and not `src`. The copy is reloaded through timm and must give src's logits + log g."""
+    src, out = Path(src), Path(out)
+    if out.resolve() == src.resolve():
+        raise ValueError(f"the plug-in export must go to a new folder, not over its source {src}")
+    _check_out_dir(out)
+    model, _, names = _load_export(src)
+    k = len(names)
+    if log_weights.shape != (k,):
+        raise ValueError(f"log_weights must have shape [{k}] (the export's classes), got {tuple(log_weights.shape)}")
+    key = f"{model.pretrained_cfg['classifier']}.bias"
+    state = load_safetensors(src / WEIGHTS_FILE)     # _load_export read it, so it is a valid file
+    if key not in state or state[key].shape != (k,):
+        raise ValueError(f"export {src}: {WEIGHTS_FILE} has no classifier bias {key!r} of shape [{k}]")
+    state[key] = (state[key].double() + log_weights.double()).to(state[key].dtype)
+    meta = {**_json(src / EXPORT_META), "complete": False, "plugin": record, "plugin_source": str(src.resolve())}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(out / EXPORT_META, json.dumps(meta, indent=1))
+    atomic.write_bytes(out / WEIGHTS_FILE, save_safetensors({n: v.contiguous() for n, v in state.items()},
+                                                            metadata={"format": "pt"}))
+    atomic.write_bytes(out / CONFIG_FILE, (src / CONFIG_FILE).read_bytes())
+    reloaded, _, _ = _load_export(out, require_complete=False)
+    x, logits = _probe_logits(model, model.pretrained_cfg["input_size"])
+    with torch.no_grad():
+        _check_close(reloaded(x), logits + log_weights.to(logits), f"{out} reloaded through timm")
+    meta.update(complete=True, files={name: file_sha256(out / name) for name in (CONFIG_FILE, WEIGHTS_FILE)})
+    atomic.write_text(out / EXPORT_META, json.dumps(meta, indent=1))
+    return meta
+
+
 def _load_export(path: Path, require_complete: bool = True) -> tuple[nn.Module, Callable, list[str]]:
     marker = path / EXPORT_META
     meta = _json(marker)
@@ -301,7 +347,15 @@ def _load_export(path: Path, require_complete: bool = True) -> tuple[nn.Module, 
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / name).is_file():
             raise FileNotFoundError(f"export {path} lacks {path / name}")
-    model = timm.create_model(f"local-dir:{path.resolve()}", pretrained=True)
+    try:
+        model = timm.create_model(f"local-dir:{path.resolve()}", pretrained=True)
+    except SafetensorError as err:
+        weights = path / WEIGHTS_FILE
+        recorded = (meta.get("files") or {}).get(WEIGHTS_FILE)
+        changed = (" (its sha256 is not the one selmix_export.json recorded)"
+                   if recorded and recorded != file_sha256(weights) else "")
+        raise ValueError(f"export {path}: {weights} cannot be read ({err}): it is truncated or corrupted"
+                         f"{changed}; export the run again") from err
     model.requires_grad_(False).eval()
     transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
     return model, transform, [str(n) for n in model.pretrained_cfg["label_names"]]
@@ -328,7 +382,8 @@ def load_classifier(path: str | Path, which: str = "best") -> tuple[nn.Module, C
 
 
 class _ImageFiles(Dataset):
-    """Image file path -> transformed image; a file that cannot be decoded raises an error naming it."""
+    """Image file path -> (position, transformed image), or (position, the error message naming the file) for a
+    file that is missing or cannot be decoded, so that one bad file does not stop a batch."""
 
     def __init__(self, paths: Sequence[str | Path], transform: Callable):
         self.paths, self.transform = [Path(p) for p in paths], transform
@@ -336,24 +391,48 @@ class _ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.transform(decode_image(self.paths[i], str(self.paths[i])))
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | str]:
+        try:
+            image = decode_image(self.paths[i], str(self.paths[i]))
+        except (ValueError, FileNotFoundError) as err:
+            return i, str(err)
+        return i, self.transform(image)
+
+
+def _split_batch(items: list[tuple[int, torch.Tensor | str]]) -> tuple[list[int], torch.Tensor | None, dict]:
+    """DataLoader collate: (positions of the decoded images, their stack float32[B, 3, H, W] or None,
+    {position: error message} of the others)."""
+    good = [(i, x) for i, x in items if isinstance(x, torch.Tensor)]
+    return ([i for i, _ in good], torch.stack([x for _, x in good]) if good else None,
+            {i: x for i, x in items if isinstance(x, str)})
 
 
 @torch.no_grad()
 def predict_probabilities(model: nn.Module, transform: Callable, paths: Sequence[str | Path], *,
                           batch_size: int = 64, num_workers: int = 0, device: str | torch.device = "cpu",
-                          progress: bool = True) -> torch.Tensor:
-    """Softmax class probabilities float32[N, K] of the image files `paths`, in order, batched."""
+                          progress: bool = True, logits: bool = False) -> tuple[torch.Tensor, dict[int, str]]:
+    """(softmax class probabilities float32[N, K] of the image files `paths`, in order, batched — the logits with
+    ``logits=True``; {position: error message} of the files that are missing or cannot be decoded, whose rows
+    are NaN).
+
+    K is the model's output width (0 when no image could be read)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
     model = model.to(device)
     loader = DataLoader(_ImageFiles(paths, transform), batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
-    probs = []
+                        pin_memory=device.type == "cuda", collate_fn=_split_batch)
+    rows, failed = {}, {}
     with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress) as bar:
-        for images in loader:
-            probs.append(model(images.to(device, non_blocking=True)).float().softmax(dim=1).cpu())
-            bar.update(len(images))
-    return torch.cat(probs) if probs else torch.empty(0, 0)
+        for positions, images, errors in loader:
+            failed.update(errors)
+            if images is not None:
+                out = model(images.to(device, non_blocking=True)).float()
+                probs = (out if logits else out.softmax(dim=1)).cpu()
+                rows.update(zip(positions, probs, strict=True))
+            bar.update(len(positions) + len(errors))
+    k = next(iter(rows.values())).shape[0] if rows else 0
+    out = torch.full((len(paths), k), math.nan)
+    for i, row in rows.items():
+        out[i] = row
+    return out, failed

@@ -17,6 +17,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
+from selmix_dist.atomic import StorageError
 from selmix_dist.train.lock import RunLockedError
 
 __all__ = ["DEBUG_FLAG", "USER_ERRORS", "key_value", "parser", "run_cli"]
@@ -24,9 +25,10 @@ __all__ = ["DEBUG_FLAG", "USER_ERRORS", "key_value", "parser", "run_cli"]
 DEBUG_FLAG = "--debug"
 # Config, data and path problems the user can act on. FloatingPointError: a run whose loss or head became
 # non-finite (NonFiniteStateError), whose message says which knob to turn; FileExistsError: a refusal to
-# overwrite, which names the flag that allows it. Anything else is a bug and keeps its traceback.
+# overwrite, which names the flag that allows it; StorageError: a full or read-only disk, naming the file and the
+# free space. Anything else is a bug and keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, RunLockedError,
-                                                 FloatingPointError)
+                                                 FloatingPointError, StorageError)
 
 
 def parser(doc: str | None, **kwargs) -> argparse.ArgumentParser:

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import gc
 import importlib
+import logging
+import multiprocessing
 import os
 import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -185,7 +188,7 @@ def launch_forked(rank_main: Callable[..., int], nprocs: int, *args: Any, nnodes
     torchrun's --node-rank). One node: rendezvous on a free local port, `master` unused.
 
     Why fork: a rank started by `accelerate launch` or torchrun is a new interpreter that imports torch and
-    the package again, about 0.5 GB of its own memory each with this torch build (README, Benchmarks). A
+    the package again, about 0.5 GB of its own memory each with this torch build (docs/benchmarks.md). A
     forked rank shares those pages with this process and its sibling ranks until it writes them, so a node
     holds the runtime about once. The caller imports what the ranks use before calling, and runs no
     multi-threaded torch work first: GNU OpenMP's thread pool does not survive a fork, and a rank then hangs
@@ -193,10 +196,13 @@ def launch_forked(rank_main: Callable[..., int], nprocs: int, *args: Any, nnodes
     garbage collector's view of the imported objects, so that collections in the ranks do not copy them.
 
     torch elastic's agent runs here (every rank's RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
-    MASTER_ADDR/PORT set as torchrun does). A signal to this process (SIGTERM,
-    SIGINT, SIGHUP, SIGQUIT) is forwarded to the ranks, and this returns 128 + its number once they have
-    exited; on SIGTERM a rank in its training loop saves the latest step boundary first. SIGUSR1 (SLURM
-    signals every process of a step) is ignored here and handled by the ranks.
+    MASTER_ADDR/PORT set as torchrun does), in a thread of its own: a signal to this process (SIGTERM,
+    SIGUSR1, SIGINT, SIGHUP, SIGQUIT) is forwarded to the ranks by this call's handler, and this returns
+    128 + the first one's number once they have exited; on SIGTERM, SIGUSR1 or SIGINT a rank in its training
+    loop saves the latest step boundary first. (SLURM's `--signal=USR1@T` signals every process of a step, so the
+    ranks may get SIGUSR1 twice: the second changes nothing.) Why a thread: the agent's own handler (installed
+    only in the main thread) stops polling the ranks, and a rank that returned waits for the agent to have
+    read its exit code (an event in torch elastic's wrapper) until the agent SIGKILLs it 30 s later.
 
     `rank_main` returns its exit code (0: done) or raises. Returns 0 when every rank returned 0, else the
     lowest failed rank's code (1 for a rank that raised, or died by a signal); every failed rank is named
@@ -216,34 +222,95 @@ def launch_forked(rank_main: Callable[..., int], nprocs: int, *args: Any, nnodes
         raise RuntimeError("CUDA was initialised before forking the ranks; a forked process cannot use it")
     importlib.import_module("torch._dynamo")  # every rank's optimizer imports it (80 MB): here, it is shared
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
-    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    previous_usr1 = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    forwarder = _SignalForwarder()
     gc.collect()
     gc.freeze()
     # The agent's per-rank error files go to a directory of this call's own (by default it leaves one in
     # the system's temporary directory per launch).
     logs = tempfile.TemporaryDirectory(prefix="selmix_ranks_")
-    try:
+    outcome: dict[str, Any] = {}
+
+    def agent() -> None:
         rendezvous = (dict(rdzv_backend="static", rdzv_endpoint=master, rdzv_configs={"rank": node_rank})
                       if nnodes > 1 else dict(rdzv_backend="c10d", rdzv_endpoint="localhost:0"))
         # One run id on every node: the static rendezvous keys its store by it.
         config = LaunchConfig(min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=nprocs, run_id="selmix_dist",
                               max_restarts=0, start_method="fork", logs_specs=DefaultLogsSpecs(log_dir=logs.name),
                               **rendezvous)
-        codes = {rank: int(code) for rank, code in elastic_launch(config, rank_main)(*args).items() if code}
-    except ChildFailedError as err:  # a rank raised or died
-        codes = {rank: failure.exitcode if failure.exitcode > 0 else 1 for rank, failure in err.failures.items()}
-    except SignalException as err:
-        print(f"stopped by {err.sigval.name}, forwarded to the ranks", file=sys.stderr)
-        return 128 + int(err.sigval)
+        try:
+            outcome["codes"] = {rank: int(code) for rank, code in elastic_launch(config, rank_main)(*args).items()
+                                if code}
+        except ChildFailedError as err:  # a rank raised or died
+            outcome["codes"] = {rank: failure.exitcode if failure.exitcode > 0 else 1
+                                for rank, failure in err.failures.items()}
+        except BaseException as err:  # noqa: BLE001 - re-raised in the calling thread below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=agent, name="selmix_dist elastic agent")
+    # The agent warns that, in a thread, it cannot forward signals and ranks could be orphaned: here they are
+    # forwarded (by `forwarder`), so the warning would be wrong.
+    agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    agent_log.addFilter(_no_child_thread_warning)
+    try:
+        forwarder.install()
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.2)  # wakes up for signals: their handler runs in this (the main) thread
     finally:
+        forwarder.uninstall()
+        agent_log.removeFilter(_no_child_thread_warning)
         logs.cleanup()
         gc.unfreeze()
-        signal.signal(signal.SIGUSR1, previous_usr1)
+    if "error" in outcome:
+        raise outcome["error"]
+    codes = outcome["codes"]
     if codes:
         print("error: " + "; ".join(f"rank {rank} failed with exit code {code}" for rank, code in sorted(codes.items()))
               + " (the output above says why)", file=sys.stderr)
+    if forwarder.received:
+        print(f"stopped by {forwarder.received[0].name}, forwarded to the ranks", file=sys.stderr)
+        return 128 + int(forwarder.received[0])
     return codes[min(codes)] if codes else 0
+
+
+def _no_child_thread_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Failed to register signal handlers since torchelastic is running")
+
+
+class _SignalForwarder:
+    """The forked launcher's handler of SIGTERM, SIGUSR1, SIGINT, SIGHUP and SIGQUIT: each is sent on to the
+    ranks (this process's multiprocessing children). Never escalated to SIGKILL: SLURM sends SIGTERM after
+    SIGUSR1, and a rank may still be writing the checkpoint the first signal asked for."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.received: list[signal.Signals] = []
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        # A signal this process ignores (SIGINT of a background job, SIGUSR1 under the SLURM script's trap) stays
+        # ignored: whoever started the launcher chose that; the ranks inherit it until they install their own.
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS
+                          if signal.getsignal(s) != signal.SIG_IGN}
+
+    def uninstall(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if os.getpid() != self.pid:
+            # A rank forked before it installed handlers of its own: nothing to save yet. Exit with a code the agent
+            # reads as a failure (a KeyboardInterrupt would be swallowed by torch elastic's wrapper: exit 0, no
+            # result, and the agent would wait for it forever).
+            os._exit(128 + signum)
+        self.received.append(signal.Signals(signum))
+        for child in multiprocessing.active_children():
+            try:
+                os.kill(child.pid, signum)
+            except ProcessLookupError:  # exited meanwhile
+                pass

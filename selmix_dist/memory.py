@@ -4,7 +4,7 @@ A refresh allocates large temporaries (validation and pseudo-label batches, [B, 
 gain buffers) batch after batch. glibc serves blocks below its mmap threshold from the heap and raises
 that threshold (up to 32 MiB) each time a larger mapped block is freed, so those temporaries move into
 the heap, fragment it and stay: at ImageNet-LT size one pseudo-label pass took a rank from 0.47 to 1.27 GB
-of private memory (README, Benchmarks). The trainer therefore fixes the threshold at 1 MiB, so that every
+of private memory (docs/benchmarks.md). The trainer therefore fixes the threshold at 1 MiB, so that every
 large buffer is mapped and unmapped on free, and trims the heap after each refresh. Elsewhere than glibc
 (musl, macOS) both do nothing.
 """

@@ -310,8 +310,54 @@ def _plot_target(path: Path, history: list[dict], target: str, best_step: int) -
     _save_figure(fig, path)
 
 
+# ------------------------------------------------------------------------------------------- gain forecast
+def load_forecast(run_dir: Path) -> list[dict]:
+    """Records of forecast.jsonl ({"step", "from_step", "predicted", "realised"}); [] for runs before it."""
+    path = run_dir / "forecast.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        rec = json.loads(line)
+        if not all(isinstance(rec.get(key), (int, float)) for key in ("step", "from_step", "predicted", "realised")):
+            raise ValueError(f"{path}:{n}: need numbers 'step', 'from_step', 'predicted' and 'realised'")
+        records.append(rec)
+    return records
+
+
+def forecast_summary(records: list[dict]) -> dict | None:
+    """Whether the gain predicts (core.forecast): over the refresh intervals, the sums of the predicted and the
+    realised change of ψ, the fraction with the same sign, and their Pearson correlation (None below 3
+    intervals or without spread). None without intervals."""
+    if not records:
+        return None
+    p = np.array([r["predicted"] for r in records], dtype=np.float64)
+    q = np.array([r["realised"] for r in records], dtype=np.float64)
+    corr = None
+    if len(p) >= 3 and p.std() > 0 and q.std() > 0:
+        corr = float(np.corrcoef(p, q)[0, 1])
+    return {"intervals": len(p), "predicted_sum": float(p.sum()), "realised_sum": float(q.sum()),
+            "same_sign": float(np.mean(np.sign(p) == np.sign(q))), "correlation": corr}
+
+
+def _forecast_markdown(records: list[dict], summary: dict | None) -> list[str]:
+    if summary is None:
+        return []
+    corr = "n/a" if summary["correlation"] is None else f"{summary['correlation']:.2f}"
+    lines = ["", "## Does the gain predict?", "",
+             f"Over {summary['intervals']} refresh intervals the gain predicted a total change of ψ of "
+             f"{summary['predicted_sum']:+.4g} and validation ψ changed by {summary['realised_sum']:+.4g} "
+             f"(same sign in {100 * summary['same_sign']:.0f} % of the intervals, correlation {corr}). "
+             "Predicted: Σ P∘G times the learning rates summed to the next refresh; realised: ψ at the next "
+             "refresh with the same multipliers (docs/method.md §4.4).", ""]
+    shown = records if len(records) <= 10 else records[:5] + records[-5:]
+    rows = [{"interval": f"{r['from_step']}→{r['step']}", "predicted": r["predicted"], "realised": r["realised"]}
+            for r in shown]
+    return lines + [markdown_table(rows, ["interval", "predicted", "realised"], float_format="{:.4g}")]
+
+
 # ----------------------------------------------------------------------------------------------- writing
-def _markdown(run_dir: Path, meta: dict, summary: dict, rows: list[dict]) -> str:
+def _markdown(run_dir: Path, meta: dict, summary: dict, rows: list[dict], forecast: list[str]) -> str:
     target = meta["target_metric"]
     headers = ["metric"] + [f"{split} {which}" for split in SPLITS for which in ("first", "last", "best")]
     steps = {split: {w: (e["step"] if e else None) for w, e in (summary["splits"][split] or {}).items()}
@@ -333,7 +379,7 @@ def _markdown(run_dir: Path, meta: dict, summary: dict, rows: list[dict]) -> str
     lines += ["", "first = before fine-tuning (first evaluation), last = after (final evaluation).", "",
               markdown_table(rows, ["metric", *COLUMNS], headers)]
     lines += [f"![{p[:-4]}]({p})" for p in PLOTS]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + forecast) + "\n"
 
 
 def write_report(run_dir: str | Path) -> dict:
@@ -354,6 +400,7 @@ def write_report(run_dir: str | Path) -> dict:
     first, last = (load_distribution(run_dir, f"distribution_{w}.pt", k) for w in ("first", "last"))
     summary = summarise(history, meta["target_metric"])
     rows = metric_rows(summary, _metric_order(history))
+    forecast = load_forecast(run_dir)
 
     _plot_per_class(run_dir / PLOTS[0], summary, meta)
     _plot_distributions(run_dir / PLOTS[1], first, last, meta)
@@ -362,14 +409,15 @@ def write_report(run_dir: str | Path) -> dict:
     report = {"run_dir": str(run_dir), "objective": meta["objective"], "num_classes": k,
               "config": config,
               "distribution_steps": {"first": int(first["step"]), "last": int(last["step"])},
-              **summary, "plots": list(PLOTS)}
+              **summary, "gain_forecast": forecast_summary(forecast), "plots": list(PLOTS)}
     atomic.write_text(run_dir / "report.json", json.dumps(report, indent=1))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["metric", *COLUMNS], lineterminator="\n")
     writer.writeheader()
     writer.writerows({key: ("" if value is None else value) for key, value in row.items()} for row in rows)
     atomic.write_text(run_dir / "report.csv", buf.getvalue())
-    atomic.write_text(run_dir / "report.md", _markdown(run_dir, meta, summary, rows))
+    atomic.write_text(run_dir / "report.md", _markdown(run_dir, meta, summary, rows,
+                                                       _forecast_markdown(forecast, forecast_summary(forecast))))
     return report
 
 

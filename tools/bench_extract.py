@@ -1,11 +1,13 @@
 """Feature-extraction throughput: `extract_features` against a bare `backbone(x)` loop on the same batches.
 
     python tools/bench_extract.py --num-images 256 --image-size 224 [--json]
+    python tools/bench_extract.py --device cuda --autocast bf16 --channels-last --num-workers 8 --json
 
 Rows:
   bare model(x)       forward only, on batches transformed and moved to the device beforehand
   extract_features    the library path: source -> transform -> DataLoader -> backbone -> float16 chunk files
   ratio               extractor / bare images per second (goal >= 0.90)
+  --autocast bf16 and --channels-last apply to both measurements alike (the ratio compares like with like)
   CIFAR-10-LT         3720 labeled + 7443 unlabeled + 10000 val + 10000 test images at the extractor's
                       measured rate (an estimate unless --full extracts that many synthetic images)
 
@@ -46,6 +48,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3,
                    help="alternate the two measurements this often and keep each one's best (shared CPUs)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--autocast", choices=["none", "bf16"], default="none",
+                   help="run the backbone under torch.autocast(bfloat16) (both measurements)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="convert the model's weights to channels-last (inputs always are: FrozenBackbone.forward)")
     p.add_argument("--full", action="store_true", help="really extract a CIFAR-10-LT-sized synthetic set")
     p.add_argument("--json", action="store_true")
     return p.parse_args()
@@ -108,6 +114,8 @@ def main() -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     weights = args.weights or ("lite" if args.model.startswith("tf_efficientnet_lite") else "none")
     backbone = build_backbone(args.model, weights, image_size=args.image_size).to(device)
+    if args.channels_last:
+        backbone.model.to(memory_format=torch.channels_last)  # 4-D (conv) weights only; others are unchanged
     side = backbone.data_config["input_size"][-1]
     total = sum(CIFAR10_LT.values())
     if args.source is not None:
@@ -118,9 +126,11 @@ def main() -> None:
 
     batches = device_batches(backbone, source, n, args.batch_size, device)
     bare, extract = [], []
-    for _ in range(args.repeats):  # alternate, so that a burst of load from elsewhere hits both
-        bare.append(time_bare(backbone, batches, device))
-        extract.append(time_extract(backbone, source, n, args, device))
+    # autocast is thread-local and extract_features runs the backbone in this thread (workers only decode)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast == "bf16"):
+        for _ in range(args.repeats):  # alternate, so that a burst of load from elsewhere hits both
+            bare.append(time_bare(backbone, batches, device))
+            extract.append(time_extract(backbone, source, n, args, device))
     bare_wall = n / min(c.wall for c in bare)
     extract_wall = n / min(c.wall for c in extract)
     # CPU time is robust to other users of a shared CPU but misses DataLoader worker processes.
@@ -135,6 +145,7 @@ def main() -> None:
         "model": args.model, "weights": weights, "image_size": side, "device": str(device),
         "threads": torch.get_num_threads(), "num_images": n, "batch_size": args.batch_size,
         "num_workers": args.num_workers, "dtype": args.dtype, "repeats": args.repeats,
+        "autocast": args.autocast, "channels_last": args.channels_last,
         "synthetic": args.source is None,
         "bare_images_per_s": bare_wall, "extract_images_per_s": extract_wall,
         "ratio": extract_wall / bare_wall,
@@ -149,7 +160,7 @@ def main() -> None:
     kind = "synthetic" if args.source is None else args.source_kind
     print(f"{args.model} ({weights}) at {side}px on {device} ({result['threads']} threads), "
           f"batch {args.batch_size}, {args.num_workers} workers, {n} {kind} images, {args.dtype} cache, "
-          f"best of {args.repeats}")
+          f"autocast {args.autocast}{', channels-last weights' if args.channels_last else ''}, best of {args.repeats}")
     print(f"{'measure':<24} {'wall':>10} {'cpu-time':>10}")
 
     def row(name: str, wall: float, cpu: float | None, fmt: str = ".1f") -> None:

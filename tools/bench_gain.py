@@ -10,8 +10,15 @@ Peak memory is the extra memory the refresh needs on top of its inputs:
   unavailable it falls back to the growth of ``resource.getrusage().ru_maxrss``, which only sees a new
   process-wide peak ("ru_maxrss_growth(lower_bound)").
 
+GEMM units: every timed refresh is followed by one float64 K×K×K product and one K×d×K product on the same
+device (alternating, so a load change on a shared machine hits both alike); medians ``gemm_kkk_ms`` and
+``gemm_kdk_ms``. ``refresh_gemm_units`` = refresh / K×K×K product. The floor is the refresh's own products
+(``core.gain.gemm_floor``: 4 K×K×K + 2 K×d×K for K ≤ d, 3 + 3 above): ``floor_gemm_units`` = 4 + 2d/K or
+3 + 3d/K by flop count, ``floor_ms`` = the same count of the products as timed, and ``ratio_to_floor`` =
+refresh / floor_ms, the refresh's overhead over its matrix products (1.0: nothing but the products).
+
     python tools/bench_gain.py --classes 10 100 1000 --dim 2048 --repeats 5 [--device cuda] [--json]
-        [--variant official] [--temperature-rule support]
+        [--variant official] [--temperature-rule support] [--no-memory]
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from selmix_dist.core import (
     head_tail_masks,
     selmix_refresh,
 )
+from selmix_dist.core.gain import gemm_floor
 
 # goals for the 2-core development CPU (information only; nothing asserts on time)
 CPU_GOALS_MS = {100: 10.0, 1000: 500.0}
@@ -129,40 +137,65 @@ def settings_of(args: argparse.Namespace) -> RefreshSettings:
                            include_bias=args.include_bias)
 
 
-def gemm_reference_ms(k: int, device: torch.device, repeats: int) -> float:
-    """Median time of one float64 [K, K] @ [K, K] product: the machine's speed at the refresh's core op
-    (a refresh costs about 4 + 2d/K of them for K ≤ d), to read timings taken on a loaded machine."""
-    a = torch.rand(k, k, dtype=torch.float64, device=device)
-    times = []
-    for _ in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        a @ a
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:]) * 1e3
+def timed_ms(fn, device: torch.device) -> float:
+    """Wall-clock milliseconds of ``fn()``, synchronised on CUDA."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+class GemmReference:
+    """One float64 K×K×K and one K×d×K product, the units of a refresh's cost; ``time()`` runs both once."""
+
+    def __init__(self, k: int, d: int, device: torch.device) -> None:
+        g = torch.Generator().manual_seed(1)
+        self.k, self.d, self.device = k, d, device
+        self.square = torch.rand(k, k, generator=g, dtype=torch.float64).to(device)
+        self.tall = torch.rand(k, d, generator=g, dtype=torch.float64).to(device)
+        self.kkk_ms: list[float] = []
+        self.kdk_ms: list[float] = []
+
+    def time(self) -> None:
+        self.kkk_ms.append(timed_ms(lambda: self.square @ self.square, self.device))
+        self.kdk_ms.append(timed_ms(lambda: self.tall @ self.tall.T, self.device))
+
+    def fields(self, refresh_ms: float) -> dict:
+        """The GEMM-unit fields of a refresh of median ``refresh_ms`` (see the module docstring)."""
+        kkk, kdk = statistics.median(self.kkk_ms), statistics.median(self.kdk_ms)
+        n_kkk, n_kdk = gemm_floor(self.k, self.d)
+        floor_ms = n_kkk * kkk + n_kdk * kdk
+        return {
+            "gemm_kkk_ms": round(kkk, 3),
+            "gemm_kdk_ms": round(kdk, 3),
+            "refresh_gemm_units": round(refresh_ms / kkk, 3),
+            "floor_gemm_units": round(n_kkk + n_kdk * self.d / self.k, 3),
+            "floor_ms": round(floor_ms, 3),
+            "ratio_to_floor": round(refresh_ms / floor_ms, 3),
+        }
 
 
 def time_row(name: str, k: int, args: argparse.Namespace, device: torch.device) -> dict:
-    """Timing of one (objective, K): warm-up, then ``args.repeats`` timed refreshes."""
+    """Timing of one (objective, K): warm-up, then ``args.repeats`` timed refreshes, each followed by the
+    two reference products (``GemmReference``)."""
     counts, sums, w, b, head = make_inputs(k, args.dim, device, args.seed)
     obj = build_objective(name, k, head=head)
     settings = settings_of(args)
+    reference = GemmReference(k, args.dim, device)
     P = selmix_refresh(counts, sums, w, b, obj, settings).distribution  # warm-up (allocator, kernels, BLAS)
     if not bool(torch.isfinite(P).all()):
         raise RuntimeError(f"{name}, K={k}: the refresh produced a non-finite distribution")
+    reference.time()
+    reference.kkk_ms.clear()
+    reference.kdk_ms.clear()
     times = []
     for _ in range(args.repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        selmix_refresh(counts, sums, w, b, obj, settings)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    median_ms = statistics.median(times) * 1e3
+        times.append(timed_ms(lambda: selmix_refresh(counts, sums, w, b, obj, settings), device))
+        reference.time()
+    median_ms = statistics.median(times)
     goal = CPU_GOALS_MS.get(k) if device.type == "cpu" else None
     return {
         "objective": name,
@@ -172,8 +205,10 @@ def time_row(name: str, k: int, args: argparse.Namespace, device: torch.device) 
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
         "median_ms": round(median_ms, 3),
-        "min_ms": round(min(times) * 1e3, 3),
-        "gemm_ref_ms": round(gemm_reference_ms(k, device, args.repeats), 3),
+        "min_ms": round(min(times), 3),
+        "gemm_ref_ms": round(statistics.median(reference.kkk_ms), 3),  # = gemm_kkk_ms (older name)
+        **reference.fields(median_ms),
+        "load_1min": round(os.getloadavg()[0], 2),
         "goal_ms": goal,
         "within_goal": None if goal is None else median_ms <= goal,
     }
@@ -210,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip the untimed peak-memory refresh of each row (peak_mib: null)")
     args = parser.parse_args(argv)
     wanted = args.omp_wait_policy.upper()
     if args.omp_wait_policy != "inherit" and os.environ.get("OMP_WAIT_POLICY") != wanted:
@@ -226,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 
     header = (
         f"{'objective':36s} {'K':>6s} {'d':>5s} {'median ms':>10s} {'min ms':>9s} {'peak MiB':>9s} "
-        f"{'K³ GEMM ms':>10s}  goal"
+        f"{'K³ GEMM ms':>10s} {'units':>6s} {'floor':>6s} {'ratio':>6s}  goal"
     )
     if not args.json:
         print(
@@ -239,18 +276,25 @@ def main(argv: list[str] | None = None) -> int:
     # all timings first: the CPU memory measurement changes glibc's allocation policy (PeakMemory)
     rows = [time_row(name, k, args, device) for k in args.classes for name in args.objectives]
     for row in rows:
-        measure_memory(row, args, device)
+        if args.no_memory:
+            row.update(peak_mib=None, mem_method="skipped")
+        else:
+            measure_memory(row, args, device)
         if args.json:
             print(json.dumps(row), flush=True)
             continue
         goal = "" if row["goal_ms"] is None else f"≤{row['goal_ms']:g} ms {'ok' if row['within_goal'] else 'MISSED'}"
+        peak = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.1f}"
         print(
             f"{row['objective']:36s} {row['K']:6d} {args.dim:5d} {row['median_ms']:10.2f} {row['min_ms']:9.2f} "
-            f"{row['peak_mib']:9.1f} {row['gemm_ref_ms']:10.2f}  {goal}",
+            f"{peak:>9s} {row['gemm_kkk_ms']:10.2f} {row['refresh_gemm_units']:6.2f} {row['floor_gemm_units']:6.2f} "
+            f"{row['ratio_to_floor']:6.3f}  {goal}",
             flush=True,
         )
     if not args.json:
-        print(f"# peak memory: {rows[-1]['mem_method']}; K³ GEMM ms: one float64 K×K×K product, timed after the row")
+        print(f"# peak memory: {rows[-1]['mem_method']}; K³ GEMM ms: one float64 K×K×K product, timed after each "
+              "refresh (median); units = refresh / K³ GEMM; floor = 4 + 2d/K (K ≤ d) or 3 + 3d/K; "
+              "ratio = refresh / (the floor's products as timed)")
     return 0
 
 

@@ -30,6 +30,10 @@ summed over the ranks and over every process of the run (pss_node: the ranks and
 which holds torch too), the cache's pages in the page cache (read by the reader, one copy per node, in
 nobody's PSS) and node_total = pss_node + those pages: what the node really holds for the run.
 load = 1-minute load average at the end (the CPUs are shared).
+GEMM units of the core refresh (the `gain` part: `core.selmix_refresh`): after every timed refresh each rank
+times one float64 K×K×K and one K×d×K product on the trainer's device; gemm_kkk_ms, gemm_kdk_ms (medians),
+refresh_gemm_units = gain / K×K×K product, floor_gemm_units (4 + 2d/K for K ≤ d, 3 + 3d/K above), floor_ms
+and ratio_to_floor = gain / floor_ms (tools/bench_gain.py's definitions, rank 0's values).
 """
 
 from __future__ import annotations
@@ -51,15 +55,18 @@ from pathlib import Path
 import torch
 
 from selmix_dist import distributed as dist
+from selmix_dist.config import load_config
 from selmix_dist.data.synthetic import class_means, gaussian_features, long_tailed_class_counts
 from selmix_dist.features.reader import load_features, open_features
 from selmix_dist.features.sets import FeatureSet, TrainData
 from selmix_dist.memory import descendants, pss_mb
-from selmix_dist.train.config import load_config
 from selmix_dist.train.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers.feature_cache import write_feature_cache  # noqa: E402 - the writer shared with the tests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gain import GemmReference  # noqa: E402 - the GEMM units of tools/bench_gain.py
 
 SPLITS = ("labeled", "unlabeled", "val")
 LOADERS = ("memory", "reader")
@@ -187,10 +194,12 @@ def measure(args) -> dict[str, float | int | str]:
     data = open_data(args, args.loader)
     open_s = dist.all_reduce_max(torch.tensor([time.perf_counter() - t0])).item()
     trainer = make_trainer(args, acc, data, "run")
+    reference = GemmReference(args.classes, args.dim, trainer.refresher.evaluator.device)
     refreshes = []
     for _ in range(args.refreshes):
         trainer.step += REFRESH_EVERY  # the next refresh is due as in a run (pseudo-label cadence)
         refreshes.append(refresh(trainer).timings)
+        reference.time()  # interleaved with the refreshes: both see the same load
     step_s, step_cpu_s = timed_steps(trainer, args.steps)
     memory = dist.all_gather_cat(memory_mb())  # [world, 4], sampled while every rank is alive
     row = {**describe(args, data), "loader": args.loader, "launcher": args.launcher if args.world > 1 else "none"}
@@ -199,6 +208,7 @@ def measure(args) -> dict[str, float | int | str]:
     row.update({"open_s": open_s, "step_ms": 1e3 * step_s, "step_cpu_ms": 1e3 * step_cpu_s,
                 "refresh_s": timings.pop("total"), **{f"{key}_s": v for key, v in timings.items()}})
     row["refresh_in_steps"] = row["refresh_s"] / step_s
+    row.update(reference.fields(1e3 * row["gain_s"]))
     peak, anon, file, _ = memory.max(0).values.tolist()  # the largest rank
     row.update(peak_rss_mb=peak, rss_anon_mb=anon, rss_file_mb=file, pss_ranks_mb=float(memory[:, 3].sum()))
     if dist.is_main_process():

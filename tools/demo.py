@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from selmix_dist.cli import parser, run_cli
+from selmix_dist.config import load_config
 from selmix_dist.data.sources import ArraySource
 from selmix_dist.data.splits import load_split, make_lt_split
 from selmix_dist.features.backbones import build_backbone
 from selmix_dist.features.cache import extract_features
 from selmix_dist.report import report_finished_run
-from selmix_dist.train.config import load_config
 from selmix_dist.train.entry import train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Make a long-tailed semi-supervised split (method doc §1.2) of an image source and write its split lists.
+"""Make a long-tailed semi-supervised split (docs/method.md §1.2) of an image source and write its split lists.
 
     # CIFAR-10-LT, ρ_l = 100, ρ_u = 100 (use --rho-u 1 or --m1 30 --rho-u 1/100 for the other profiles)
     python tools/make_lt_split.py --kind imagefolder --source data/cifar10/train \
@@ -9,6 +9,10 @@
 
 Writes labeled.txt, unlabeled.txt (labels −1), val.txt, test.txt, split.json and
 unlabeled_true_labels.diagnostic.txt into --out, and prints the per-class counts.
+
+The split is drawn from the labels alone: no image is decoded here (an ImageNet-size folder would take longer
+than the extraction). A corrupt or non-image file stays in its list, and tools/extract_features.py stops at
+it, naming the split, the row and the file; replace the file, or remove it and remake the split.
 """
 
 from __future__ import annotations

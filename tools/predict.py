@@ -7,6 +7,9 @@ IMAGES are image files, folders (searched recursively for .jpg/.jpeg/.png, sorte
 files of `relative/path label` lines, paths relative to --root, default the list's folder; the label, an
 index or a class name, is reported as "label"). Images go through the classifier's eval transform in
 batches; a progress bar goes to stderr. Output: a text table (default), a JSON list, or CSV.
+
+An image that is missing or cannot be decoded gets no row: it is reported as an `error:` line on stderr, the
+other images are still predicted, and the exit code is then 2.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ def write_csv(rows: list[dict], k: int, out) -> None:
 
 
 def write_text(rows: list[dict], out) -> None:
-    width = max(len(r["image"]) for r in rows)
+    width = max((len(r["image"]) for r in rows), default=0)
     for row in rows:
         top = "  ".join(f"{t['class']} {t['probability']:.3f}" for t in row["top_k"])
         label = f"  (label {row['label']})" if row["label"] is not None else ""
@@ -98,9 +101,11 @@ def run(argv: list[str]) -> int:
         p.error("--top-k must be >= 1")
     model, transform, class_names = load_classifier(args.classifier, args.which)
     images = collect_images(args.images, args.root, class_names)
-    probs = predict_probabilities(model, transform, [path for path, _ in images], batch_size=args.batch_size,
-                                  num_workers=args.num_workers, device=args.device, progress=not args.no_progress)
-    rows = top_k_rows(images, probs, class_names, args.top_k)
+    probs, failed = predict_probabilities(model, transform, [path for path, _ in images],
+                                          batch_size=args.batch_size, num_workers=args.num_workers,
+                                          device=args.device, progress=not args.no_progress)
+    read = [i for i in range(len(images)) if i not in failed]
+    rows = top_k_rows([images[i] for i in read], probs[read], class_names, args.top_k)
     if args.json:
         json.dump(rows, sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -108,7 +113,12 @@ def run(argv: list[str]) -> int:
         write_csv(rows, min(args.top_k, len(class_names)), sys.stdout)
     else:
         write_text(rows, sys.stdout)
-    return 0
+    for i in sorted(failed):
+        print(f"error: {failed[i]}", file=sys.stderr)
+    if failed:
+        print(f"error: {len(failed)} of {len(images)} images could not be read (listed above); the other "
+              f"{len(rows)} were predicted", file=sys.stderr)
+    return 2 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ from .distribution import (
     restrict_support,
     selmix_distribution,
 )
-from .gain import PRIORS, gain_matrix, logit_derivative
+from .gain import PRIORS, gain_matrix, gemm_floor, logit_derivative
 from .metrics import METRIC_NAMES, compute_metrics, per_class_metrics
 from .objectives import (
     ALIASES,
@@ -80,6 +80,7 @@ __all__ = [
     "distribution_entropy",
     "effective_support",
     "gain_matrix",
+    "gemm_floor",
     "generator",
     "head_tail_masks",
     "joint_confusion",

@@ -1,4 +1,4 @@
-"""From the gain matrix to the pair-sampling distribution, and the max-gain convergence test (§3.6–§3.7)."""
+"""From the gain matrix to the pair-sampling distribution, and the max-gain convergence test (docs/method.md §4)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def selmix_distribution(
     ``temperature`` T > 0 (the paper's inverse temperature is s = 1/T) is read according to ``rule``:
 
     * "absolute": T itself (the release);
-    * "relative": T·max|G| (method doc §3.8.5): G scales with squared feature norms and the metric's scale,
+    * "relative": T·max|G| (docs/method.md §4.1): G scales with squared feature norms and the metric's scale,
       so an absolute T that suits one backbone concentrates P on a single pair with another;
     * "support": ``temperature`` is ignored; T is solved so that the softmax restricted to the allowed
       pairs (m) has effective support exp(H) = ``target_support``·K pairs (at most the allowed count).
@@ -76,27 +76,38 @@ def distribution_and_temperature(
     eps = _check_number(eps, "eps", positive=False)
     check_choice(rule, "rule", TEMPERATURE_RULES)
     target_support = _check_number(target_support, "target_support", positive=True)
-    g = G.detach().to(torch.float64)
-    mask = g > 0 if positive_only else torch.ones_like(g, dtype=torch.bool)
-    if not bool(mask.any()):
+    return _distribution(G.detach().to(torch.float64), t, eps, positive_only, rule, target_support)
+
+
+def _distribution(g: torch.Tensor, t: float, eps: float, positive_only: bool, rule: str,
+                  target_support: float) -> tuple[torch.Tensor, float]:
+    """``distribution_and_temperature`` on a checked float64 G [K, K] and checked options.
+
+    One new K×K matrix, the rest in place: with σ = q / Σq, q = exp((G − max G)/T) over all K² entries,
+    P = (σ∘m + ε) / Σ(σ∘m + ε) = (q∘m + ε Σq) / (Σ(q∘m) + K² ε Σq).
+    """
+    low, top = (float(x) for x in torch.aminmax(g))
+    if positive_only and not top > 0:  # no allowed pair
         return torch.full_like(g, 1.0 / g.numel()), math.inf
+    mask = g > 0 if positive_only else None
     if rule == "relative":
-        scale = float(g.abs().max())
+        scale = max(top, -low)
         t = t * scale if scale > 0 else math.inf  # G ≡ 0 (positive_only=False): P is uniform for any T
     elif rule == "support":
-        allowed = g[mask]
+        allowed = g[mask] if positive_only else g.flatten()
         spread = float(allowed.max() - allowed.min())
         if spread > 0:
             target = min(max(target_support * g.shape[0], 1.0), float(allowed.numel()))
             t = _support_temperature(allowed, spread, target)
         else:  # the restricted softmax is uniform over the allowed pairs for every T
             t = math.inf
-    p = torch.softmax(g.flatten() / t, dim=0).view_as(g)
-    if positive_only:
-        p.masked_fill_(~mask, 0.0)
-    # the largest allowed gain has σ ≥ 1/K², so the normaliser is > 0 even with ε = 0
-    p.add_(eps)
-    return p.div_(p.sum()), t
+    q = torch.sub(g, top).div_(t).exp_()  # the max entry gives exp(0) = 1, so Σq ≥ 1 and nothing overflows
+    total = float(q.sum())
+    if mask is not None:
+        q.mul_(mask)
+    # the largest allowed gain has q = 1, so the normaliser is > 0 even with ε = 0
+    floor = eps * total
+    return q.add_(floor).div_(float(q.sum())), t
 
 
 def _entropy_and_slope(values: torch.Tensor, log_t: float) -> tuple[float, float]:
@@ -170,7 +181,7 @@ def restrict_support(P: torch.Tensor, label_ok: torch.Tensor, partner_ok: torch.
 
 
 class GainConvergence:
-    """Early-stop test on the max gain (§3.7, without the release's initial 1000 sentinel).
+    """Early-stop test on the max gain (docs/method.md §4.3, without the release's initial 1000 sentinel).
 
     ``update(max_gain)`` appends the value and returns True when at least ``window`` values were seen and
     ``|mean(last window) − last| < rel_tol · |mean(last window)|``.

@@ -1,4 +1,4 @@
-"""The SelMix gain matrix G (method spec §3.2–§3.5b) in O(K²d + K³) time and O(K² + Kd) memory.
+"""The SelMix gain matrix G (docs/method.md §3.2–§3.5) in O(K²d + K³) time and O(K² + Kd) memory.
 
 Notation: K classes, d feature dimension, prototypes Z [K, d] (validation class means), head W [K, d],
 b [K], prototype logits F = Z Wᵀ + b, validation joint confusion C, Ψ = ∂ψ/∂C.
@@ -19,6 +19,10 @@ multiply-adds for K ≤ d (E = (Z Zᵀ) D) and 3K²d for K > d (E = Z (Zᵀ D), 
 is three K×K×K matrix products, because the pair softmax factorises as
 exp(λ̄F_il + (1−λ̄)F_jl) = a_il c_jl; rows where the denominator S = A Cᵀ underflows (logit gaps of
 hundreds in float64, far fewer in float32) are recomputed with the blocked log-sum-exp form.
+
+Memory traffic: on a CPU a fresh K×K float64 buffer costs about one elementwise pass in page faults (glibc
+maps blocks above 32 MiB anew for every allocation), so the elementwise steps run in place and the
+products write into buffers that are no longer needed (D, then Γ); see docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 from ._validate import all_finite, check_choice, check_finite, check_nonnegative, check_square
 from .objectives import CLAMP_MIN, GAIN_VARIANTS
 
-__all__ = ["PRIORS", "logit_derivative", "gain_matrix"]
+__all__ = ["PRIORS", "logit_derivative", "gain_matrix", "gemm_floor"]
 
 PRIORS = ("balanced", "empirical")
 _METHODS = ("gemm", "blocked")
@@ -46,13 +50,13 @@ def _check_confusion_pair(C: object, Psi: object, num_classes: int | None = None
     check_finite(Psi, "Psi")
 
 
-def _logit_derivative(C: torch.Tensor, Psi: torch.Tensor, prior: str) -> torch.Tensor:
-    ch = C.to(torch.float64).clamp_min(CLAMP_MIN)
+def _logit_derivative(ch: torch.Tensor, Psi: torch.Tensor, prior: str) -> torch.Tensor:
+    """D from the clamped float64 ``ch`` = Ĉ [K, K] (checked by the caller); one new K×K matrix."""
     m = Psi.to(device=ch.device, dtype=torch.float64) * ch
     rows = m.sum(dim=1)
     # w_k = K assumes a balanced validation prior (ρ_k = 1/K); 1/ρ_k is exact for any prior.
     w = ch.shape[0] if prior == "balanced" else 1.0 / ch.sum(dim=1)
-    return m - (w * rows).unsqueeze(1) * ch
+    return m.addcmul_((w * rows).unsqueeze(1), ch, value=-1.0)
 
 
 def logit_derivative(C: torch.Tensor, Psi: torch.Tensor, prior: str = "balanced") -> torch.Tensor:
@@ -63,7 +67,7 @@ def logit_derivative(C: torch.Tensor, Psi: torch.Tensor, prior: str = "balanced"
     """
     _check_confusion_pair(C, Psi)
     check_choice(prior, "prior", PRIORS)
-    return _logit_derivative(C, Psi, prior)
+    return _logit_derivative(C.detach().to(torch.float64).clamp_min(CLAMP_MIN), Psi.detach(), prior)
 
 
 def _neg_blocked(
@@ -84,23 +88,30 @@ def _neg_blocked(
     return out
 
 
-def _neg_gemm(F: torch.Tensor, E: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same sum for all K×K pairs with three GEMMs; returns (neg [K, K], bad_rows bool[K])."""
+def _neg_gemm(F: torch.Tensor, E: torch.Tensor, lam: float, a_buffer: torch.Tensor,
+              out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same sum for all K×K pairs with three GEMMs; returns (neg [K, K], bad_rows bool[K]).
+
+    Shifts each row of ``F`` in place to a maximum of 0 (a, c ∈ (0, 1]: no overflow); the pair softmax, and
+    so the blocked fallback, does not change under a per-row shift. ``a_buffer`` (contiguous K×K, F's dtype)
+    is overwritten with A; ``out`` (likewise, or None: a new matrix) receives neg.
+    """
     k = F.shape[0]
-    shifted = F - F.max(dim=1, keepdim=True).values  # row max 0: a, c ∈ (0, 1], no overflow
-    a = torch.exp(shifted * lam)
+    F.sub_(F.max(dim=1, keepdim=True).values)
+    a = torch.mul(F, lam, out=a_buffer).exp_()
     # one GEMM gives S = A Cᵀ and N2 = A (C∘E)ᵀ side by side, a second N1 = (A∘E) Cᵀ
     c_ce = torch.empty(2 * k, k, dtype=F.dtype, device=F.device)
-    c = torch.exp(shifted.mul_(1.0 - lam), out=c_ce[:k])
+    c = torch.mul(F, 1.0 - lam, out=c_ce[:k]).exp_()
     torch.mul(c, E, out=c_ce[k:])
     s_n2 = a @ c_ce.T
     s, n2 = s_n2[:, :k], s_n2[:, k:]
-    n1 = (a * E) @ c.T
-    neg = n1.mul_(lam).add_(n2, alpha=1.0 - lam).div_(s)
+    neg = torch.mm(a.mul_(E), c.T, out=out)
+    del a, c_ce
+    neg.mul_(lam).add_(n2, alpha=1.0 - lam).div_(s)
     finfo = torch.finfo(F.dtype)
     # below this S, terms that matter may be subnormal (lost precision) or zero
     floor = finfo.tiny / finfo.eps * k
-    bad = (~(s >= floor)).any(dim=1)  # written so that a NaN also counts as bad
+    bad = ~(s.amin(dim=1) >= floor)  # written so that a NaN (amin propagates it) also counts as bad
     if not all_finite(neg):
         bad |= ~torch.isfinite(neg).all(dim=1)
     return neg, bad
@@ -111,54 +122,95 @@ def _logits_and_e(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """E = Γ D [K, K] (Γ = Z Zᵀ, + 11ᵀ with the bias update) and F = Z Wᵀ [K, K] (no bias), in ``dtype``.
 
-    For K ≤ d: one GEMM Z [Z; W]ᵀ gives Γ and F (2K²d), then Γ D (K³). For K > d the Gram matrix is
-    never formed: E = Z (Zᵀ D) costs 2K²d < K²d + K³.
+    For K ≤ d: Γ = Z Zᵀ and F = Z Wᵀ (2K²d), then Γ D (K³); returns Γ too (free once E is formed). For
+    K > d the Gram matrix is never formed (None): E = Z (Zᵀ D) costs 2K²d < K²d + K³.
     """
     k, d = z.shape
+    z, w = z.to(dtype), w.to(dtype)
+    _check_products(z, w, dtype)
+    logits = z @ w.T
     if k <= d:
-        zw = torch.cat([z, w]).to(dtype)  # one cast, one GEMM
-        zzw = zw[:k] @ zw.T
-        del zw
-        _check_products(zzw, dtype)
-        gram, logits = zzw[:, :k], zzw[:, k:]
+        gram = z @ z.T
         if include_bias:
             gram.add_(1.0)  # a constant-1 feature carries the bias update
-        return gram @ d_mat, logits
-    z = z.to(dtype)
-    logits = z @ w.to(dtype).T
-    e = z @ (z.T @ d_mat)
-    _check_products(logits, dtype)
-    _check_products(e, dtype)
-    if include_bias:
-        e += d_mat.sum(dim=0)  # (11ᵀ) D: every row is the column sums of D
-    return e, logits
+        e = gram @ d_mat
+    else:
+        gram, e = None, z @ (z.T @ d_mat)
+        if include_bias:
+            e += d_mat.sum(dim=0)  # (11ᵀ) D: every row is the column sums of D
+    if not all_finite(e):
+        raise ValueError(f"E = Z Zᵀ D overflows in {dtype}: prototypes or Ψ are too large")
+    return e, logits, gram
 
 
-def _check_products(x: torch.Tensor, dtype: torch.dtype) -> None:
-    if not all_finite(x):
+def _check_products(z: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> None:
+    """Z Zᵀ and Z Wᵀ cannot overflow: |⟨z_i, w_j⟩| ≤ ‖z_i‖‖w_j‖ (Cauchy–Schwarz, also for every partial sum),
+    so bounding the row norms [K] spares a pass over the K×K products."""
+    z_norm, w_norm = (torch.linalg.vector_norm(x.double(), dim=1).max() for x in (z, w))
+    largest = float(torch.maximum(z_norm * z_norm, z_norm * w_norm)) * (1.0 + 1e-6)
+    if not largest < torch.finfo(dtype).max:
         raise ValueError(f"Z Zᵀ or Z Wᵀ overflows in {dtype}: prototypes/weight are too large")
 
 
+def _check_matrix(x: object, name: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a floating-point [K, d] tensor, got {shape}")
+
+
 def _check_inputs(prototypes: object, weight: object, bias: object, C: object, Psi: object) -> None:
-    for name, x in (("prototypes", prototypes), ("weight", weight)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{name} must be a floating-point [K, d] tensor, got {shape}")
+    _check_matrix(prototypes, "prototypes")
     k, d = prototypes.shape
     if k == 0:
         raise ValueError("prototypes is empty")
+    check_finite(prototypes, "prototypes")
+    _check_head(weight, bias, k, d)
+    _check_confusion_pair(C, Psi, k)
+
+
+def _check_head(weight: object, bias: object, k: int, d: int) -> None:
+    """``weight`` a finite floating-point [K, d] tensor, ``bias`` None or a finite floating-point [K] one."""
+    _check_matrix(weight, "weight")
     if weight.shape[0] != k:
         raise ValueError(f"weight has K={weight.shape[0]} rows but prototypes has K={k}")
     if weight.shape[1] != d:
         raise ValueError(f"weight has d={weight.shape[1]} but prototypes has d={d}")
-    check_finite(prototypes, "prototypes")
     check_finite(weight, "weight")
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.shape != (k,) or not bias.is_floating_point():
             shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
             raise ValueError(f"bias must be a floating-point [{k}] tensor or None, got {shape}")
         check_finite(bias, "bias")
-    _check_confusion_pair(C, Psi, k)
+
+
+def _check_options(k: int, variant: str, prior: str, method: str, include_bias: bool, has_bias: bool,
+                   mixup_mean: float, dtype: torch.dtype, block_size: int | None) -> tuple[float, int]:
+    """Validated (λ̄, block size) of ``gain_matrix``'s options."""
+    check_choice(variant, "variant", GAIN_VARIANTS)
+    check_choice(prior, "prior", PRIORS)
+    check_choice(method, "method", _METHODS)
+    if include_bias and not has_bias:
+        raise ValueError("include_bias=True needs a bias (the head has none)")
+    lam = float(mixup_mean)
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"mixup_mean must be in [0, 1], got {mixup_mean}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+    if block_size is None:
+        return lam, max(1, _BLOCK_ELEMENTS // (k * k))
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    return lam, block_size
+
+
+def gemm_floor(k: int, d: int) -> tuple[int, int]:
+    """How many K×K×K and K×d×K products (multiply-adds) one gain takes: (4, 2) for K ≤ d, (3, 3) above.
+
+    K ≤ d: Z [Z; W]ᵀ is two K×d×K, E = Γ D one K×K×K, then A [C; C∘E]ᵀ two and (A∘E) Cᵀ one K×K×K.
+    K > d: Z Wᵀ, Zᵀ D and Z (Zᵀ D) are three K×d×K, the pair softmax three K×K×K. Everything else is O(K²);
+    the floor of a refresh in K×K×K units is therefore 4 + 2d/K (K ≤ d) or 3 + 3d/K (K > d).
+    """
+    return (4, 2) if k <= d else (3, 3)
 
 
 def gain_matrix(
@@ -194,32 +246,29 @@ def gain_matrix(
     Computed on ``weight``'s device; other inputs are moved there. Memory O(K² + Kd + block_size·K²).
     """
     _check_inputs(prototypes, weight, bias, C, Psi)
-    check_choice(variant, "variant", GAIN_VARIANTS)
-    check_choice(prior, "prior", PRIORS)
-    check_choice(method, "method", _METHODS)
-    if include_bias and bias is None:
-        raise ValueError("include_bias=True needs a bias (the head has none)")
-    lam = float(mixup_mean)
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"mixup_mean must be in [0, 1], got {mixup_mean}")
-    if not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
-    k = prototypes.shape[0]
-    if block_size is None:
-        block_size = max(1, _BLOCK_ELEMENTS // (k * k))
-    elif isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    lam, block_size = _check_options(prototypes.shape[0], variant, prior, method, include_bias, bias is not None,
+                                     mixup_mean, dtype, block_size)
+    with torch.no_grad():
+        ch = C.detach().to(device=weight.device, dtype=torch.float64).clamp_min(CLAMP_MIN)
+        return _gain_from_clipped(prototypes, weight, bias, ch, Psi, variant=variant, include_bias=include_bias,
+                                  prior=prior, lam=lam, dtype=dtype, block_size=block_size, method=method)
 
+
+def _gain_from_clipped(prototypes: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ch: torch.Tensor,
+                       Psi: torch.Tensor, *, variant: str, include_bias: bool, prior: str, lam: float,
+                       dtype: torch.dtype, block_size: int, method: str) -> torch.Tensor:
+    """``gain_matrix`` on checked inputs and options, with ``ch`` = Ĉ float64 [K, K] on ``weight``'s device."""
+    k = prototypes.shape[0]
     device = weight.device
     with torch.no_grad():
-        d_mat = _logit_derivative(C.detach().to(device), Psi.detach().to(device), prior).to(dtype)
-        e, logits = _logits_and_e(prototypes.detach().to(device), weight.detach(), d_mat, include_bias, dtype)
-        del d_mat
+        d_mat = _logit_derivative(ch, Psi.detach(), prior).to(dtype)
+        e, logits, gram = _logits_and_e(prototypes.detach().to(device), weight.detach(), d_mat, include_bias, dtype)
         if bias is not None:
-            logits = logits + bias.detach().to(device=device, dtype=dtype)
+            logits.add_(bias.detach().to(device=device, dtype=dtype))  # logits is this function's own matrix
 
         if method == "gemm":
-            neg, bad = _neg_gemm(logits, e, lam)
+            # D and Γ are spent once E exists: they hold A and the result (two fewer fresh K×K buffers)
+            neg, bad = _neg_gemm(logits, e, lam, a_buffer=d_mat, out=gram)
             if bool(bad.any()):
                 rows = torch.nonzero(bad).flatten()
                 neg[rows] = _neg_blocked(logits, e, rows, lam, block_size)
@@ -229,5 +278,5 @@ def gain_matrix(
         diag = e.diagonal().unsqueeze(1)
         if variant == "exact":
             # pos_ij = λ̄ E_ii + (1−λ̄) E_ji
-            return torch.add(lam * diag, e.T, alpha=1.0 - lam).sub_(neg)
+            return neg.neg_().add_(e.T, alpha=1.0 - lam).add_(diag, alpha=lam)
         return neg.neg_().add_(diag)

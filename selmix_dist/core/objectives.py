@@ -1,6 +1,6 @@
 """Objectives ψ(C) of the joint validation confusion matrix, their gradients Ψ = ∂ψ/∂C and multipliers.
 
-Every objective is evaluated at ``Ĉ = clamp(C, min=1e-7)`` (method spec §2.1): ``psi(C)`` is the
+Every objective is evaluated at ``Ĉ = clamp(C, min=1e-7)`` (docs/method.md §2.1): ``psi(C)`` is the
 differentiable Lagrangian ψ(Ĉ) with the *current* multipliers (held fixed), divided by the constraint
 normaliser ``1 + max λ`` for the coverage objectives; ``gradient(C)`` is its closed-form derivative
 (identical to autograd of ``psi`` wherever ``C >= 1e-7``).
@@ -18,7 +18,7 @@ Classes with no validation sample (raw row sum 0) are excluded from every recall
 ``metrics.compute_metrics``: their weight g_a is 0 and the averages run over the n present classes.
 Coverage terms ``Σ_j λ_j cov_j`` (``cov_j = Σ_i Ĉ_ij``) add ``λ_b`` to column b of Ψ.
 
-``gradient(C, variant="official")`` instead reproduces the release's Ψ (method spec §2.3–§2.4), which is not
+``gradient(C, variant="official")`` instead reproduces the release's Ψ (docs/method.md §2.4, §7), which is not
 the derivative of ``psi`` where the release assumes balanced validation rows:
 
 * Ψ = I (mean recall) and Ψ = K·diag(λ) (min / min head-tail recall) for any validation prior;
@@ -31,10 +31,17 @@ the derivative of ``psi`` where the release assumes balanced validation rows:
   class;
 * the H-mean with head/tail coverage is divided by 1 + max_j λ_j over those per-class values.
 
-Multipliers are recomputed by ``update_multipliers(C)`` from the *raw* C (once per refresh, before
-``gradient``). Defaults follow the release's fine-tuning configs (method spec §4.5): β = 0 and ω = 50
-for the min-recall objectives (so λ = softmax(−ω r), a memoryless soft-min); α = 0.95, τ = 0.01,
-λ_max = 100 for the coverage objectives.
+Multipliers are recomputed by ``update_multipliers(C, variant)`` once per refresh, before ``gradient``.
+Variant "exact" computes them from the *raw* C, i.e. from the recalls and coverages that
+``metrics.compute_metrics`` reports (the clamp is a guard for Ψ, not part of the metric). Variant "official"
+computes them as the release does, from its clipped matrix Ĉ: recalls Ĉ_ii / Σ_j Ĉ_ij in the min-recall
+updates, the *unnormalised* column sums Σ_i Ĉ_ij as coverages, and head/tail recall multipliers that are
+always memoryless (the release ignores β there). Each entry below 1e-7 adds up to 1e-7 to its row's and its
+column's sum, so the variants' recalls and coverages differ by up to K·1e-7 (docs/method.md §2.3).
+In both, classes without a validation sample get no multiplier weight (the release has no such classes).
+Defaults follow the release's fine-tuning configs (docs/method.md §2.3): β = 0 and ω = 50 for the min-recall
+objectives (so λ = softmax(−ω r), a memoryless soft-min); α = 0.95, τ = 0.01, λ_max = 100 for the coverage
+objectives.
 """
 
 from __future__ import annotations
@@ -47,7 +54,6 @@ from typing import Any
 import torch
 
 from ._validate import check_bool_mask, check_choice, check_finite, check_nonnegative, check_num_classes, check_square
-from .confusion import coverages, recalls
 
 __all__ = [
     "CLAMP_MIN",
@@ -84,6 +90,18 @@ def _check_confusion(C: object, num_classes: int | None) -> torch.Tensor:
     return C
 
 
+def _recalls_of(m: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """m_ii / Σ_j m_ij, float64 [K] on m's device; 0 for the classes that are not ``present``."""
+    rows = torch.where(present, m.sum(dim=1), 1.0)
+    return torch.where(present, m.diagonal() / rows, 0.0)
+
+
+def _coverages_of(m: torch.Tensor, official: bool) -> torch.Tensor:
+    """Column sums of m, float64 [K]: the release's unnormalised Σ_i Ĉ_ij, or the fractions Σ_i C_ij / Σ C."""
+    columns = m.sum(dim=0)
+    return columns if official else columns / columns.sum()
+
+
 def _param(params: dict[str, Any], key: str, *, low: float, low_open: bool, high: float = math.inf) -> float:
     value = params[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -111,6 +129,8 @@ class Objective:
     constraint_metrics: tuple[str, ...] = ()
     requires_head: bool = False
     defaults: dict[str, Any] = {}
+    # the ε of P that the release hard-codes for this objective where it differs from the configured one
+    release_eps: float | None = None
 
     def __init__(
         self, num_classes: int, head: torch.Tensor | None = None, head_fraction: float = 0.9, **params: Any
@@ -225,15 +245,27 @@ class Objective:
         check_choice(variant, "variant", GAIN_VARIANTS)
         C = _check_confusion(C, self.num_classes).detach().to(torch.float64)
         with torch.no_grad():
-            ch, present = C.clamp_min(CLAMP_MIN), C.sum(dim=1) > 0
-            if variant == "official":
-                return self._release_gradient(C, ch, present)
-            return self._gradient(ch, present)
+            return self._gradient_from(C, C.clamp_min(CLAMP_MIN), C.sum(dim=1) > 0, variant)
 
-    def update_multipliers(self, C: torch.Tensor) -> None:
-        """Recompute the multipliers from the raw validation C (once per refresh, before ``gradient``)."""
-        C = _check_confusion(C, self.num_classes).detach().to(torch.float64).cpu()
-        self._update(C)
+    def update_multipliers(self, C: torch.Tensor, variant: str = "exact") -> None:
+        """Recompute the multipliers from the validation C [K, K] (once per refresh, before ``gradient``): from
+        the raw C (variant "exact") or, as the release, from Ĉ = clamp(C, 1e-7) (variant "official")."""
+        check_choice(variant, "variant", GAIN_VARIANTS)
+        C = _check_confusion(C, self.num_classes).detach().to(torch.float64)
+        with torch.no_grad():
+            source = C.clamp_min(CLAMP_MIN) if variant == "official" else C
+            self._update_from(source, C.sum(dim=1) > 0, variant)
+
+    # ---- the refresh's entry points: inputs validated once by the caller (core.refresh) ----------------
+    def _gradient_from(self, C: torch.Tensor, ch: torch.Tensor, present: torch.Tensor, variant: str) -> torch.Tensor:
+        """Ψ from a checked float64 C [K, K], ``ch`` = clamp(C, 1e-7) and ``present`` = C's row sums > 0."""
+        if variant == "official":
+            return self._release_gradient(C, ch, present)
+        return self._gradient(ch, present)
+
+    def _update_from(self, source: torch.Tensor, present: torch.Tensor, variant: str) -> None:
+        """Multipliers from a checked float64 ``source`` [K, K]: Ĉ for variant "official", else the raw C."""
+        self._update(source, present, variant == "official")
 
     def _psi(self, ch: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -245,8 +277,9 @@ class Objective:
         """The release's Ψ from the raw ``C`` and ``ch`` = Ĉ."""
         raise NotImplementedError
 
-    def _update(self, C: torch.Tensor) -> None:
-        """Objectives without multipliers have nothing to update."""
+    def _update(self, m: torch.Tensor, present: torch.Tensor, official: bool) -> None:
+        """Multipliers from ``m`` (the raw C, or Ĉ when ``official``) and ``present`` bool[K]; objectives
+        without multipliers have nothing to update."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_classes={self.num_classes}, params={self.params})"
@@ -355,6 +388,7 @@ class MeanRecall(_RecallObjective):
     name = "mean_recall"
     target_metric = "mean_recall"
     base = "mean"
+    release_eps = 1e-10  # the release's MeanRecall adds 1e-10 to P, every other objective 1e-8
 
 
 class HMean(_RecallObjective):
@@ -402,12 +436,11 @@ class MinRecall(_RecallObjective):
     def _initial_multipliers(self) -> dict[str, torch.Tensor]:
         return {"lambda": torch.full((self.num_classes,), 1.0 / self.num_classes, dtype=torch.float64)}
 
-    def _update(self, C: torch.Tensor) -> None:
-        present = C.sum(dim=1) > 0
-        lam = _softmin_update(self._multipliers["lambda"], recalls(C), present, **self._eg())
-        self._multipliers["lambda"] = lam
+    def _update(self, m: torch.Tensor, present: torch.Tensor, official: bool) -> None:
+        r = _recalls_of(m, present).cpu()
+        self._multipliers["lambda"] = _softmin_update(self._multipliers["lambda"], r, present.cpu(), **self._eg())
 
-    def _eg(self) -> dict[str, float]:
+    def _eg(self, official: bool = False) -> dict[str, float]:
         return {"beta": self.params["beta"], "omega": self.params["omega"]}
 
     def _recall_weights(self, present: torch.Tensor) -> torch.Tensor:
@@ -426,7 +459,8 @@ class MinHeadTailRecall(MinRecall):
     """min(r̄_H, r̄_T) via λ_h r̄_H + λ_t r̄_T (r̄ = mean recall over the present head/tail classes).
 
     ``update_multipliers``: (λ_h, λ_t) ← (λ_h, λ_t)^β exp(−ω [r̄_H, r̄_T]) normalised (β = 0: memoryless
-    soft-min, as the release). Initial λ_h = λ_t = 1/2. Head/tail come from ``head`` (never index ranges).
+    soft-min; variant "official" always uses β = 0, as the release). Initial λ_h = λ_t = 1/2. Head/tail come
+    from ``head`` (never index ranges).
     """
 
     name = "min_head_tail_recall"
@@ -441,14 +475,18 @@ class MinHeadTailRecall(MinRecall):
         head = self.head.to(present.device)
         return head & present, ~head & present
 
-    def _update(self, C: torch.Tensor) -> None:
-        r = recalls(C)
-        groups = self._groups(C.sum(dim=1) > 0)
+    def _update(self, m: torch.Tensor, present: torch.Tensor, official: bool) -> None:
+        r = _recalls_of(m, present).cpu()
+        groups = self._groups(present.cpu())
         means = torch.stack([r[g].sum() / max(int(g.sum()), 1) for g in groups])
         valid = torch.tensor([bool(g.any()) for g in groups])
         old = torch.stack([self._multipliers["lambda_head"], self._multipliers["lambda_tail"]])
-        lam = _softmin_update(old, means, valid, **self._eg())
+        lam = _softmin_update(old, means, valid, **self._eg(official))
         self._multipliers = {"lambda_head": lam[0].clone(), "lambda_tail": lam[1].clone()}
+
+    def _eg(self, official: bool = False) -> dict[str, float]:
+        # the release's head/tail update is always memoryless: (λ_h, λ_t) = softmax(−ω [r̄_H, r̄_T])
+        return {"beta": 0.0 if official else self.params["beta"], "omega": self.params["omega"]}
 
     def _recall_weights(self, present: torch.Tensor) -> torch.Tensor:
         head, tail = self._groups(present)
@@ -473,7 +511,7 @@ class _CoverageObjective(_RecallObjective):
     v = α/K − cov; ``update="dual"`` accumulates λ ← clip(λ − ω (cov − α/K), 0, λ_max) (starts at 0).
     ψ = [f(r) + Σ_j λ_j cov_j] / (1 + max λ), where for head/tail constraints λ_j = λ_h/|H| on head
     columns and λ_t/|T| on tail columns and the normaliser is 1 + max(λ_h, λ_t) for both base aggregates
-    (the release uses 1 + max_j λ_j for the H-mean variant — method spec §3.8.6 — and its own λ_j spread:
+    (the release uses 1 + max_j λ_j for the H-mean variant — docs/method.md §7 — and its own λ_j spread:
     both reproduced by ``gradient(C, variant="official")``).
     """
 
@@ -496,8 +534,8 @@ class _CoverageObjective(_RecallObjective):
             return {"lambda_head": zero.clone(), "lambda_tail": zero.clone()}
         return {"lambda": torch.zeros(self.num_classes, dtype=torch.float64)}
 
-    def _update(self, C: torch.Tensor) -> None:
-        cov = coverages(C)
+    def _update(self, m: torch.Tensor, present: torch.Tensor, official: bool) -> None:
+        cov = _coverages_of(m, official).cpu()
         if self.head_tail:
             cov = torch.stack([cov[self.head].mean(), cov[~self.head].mean()])
             old = torch.stack([self._multipliers["lambda_head"], self._multipliers["lambda_tail"]])
@@ -613,11 +651,9 @@ class CustomObjective(Objective):
         C = _check_confusion(C, self.num_classes)
         return self._call(C.clamp_min(CLAMP_MIN))
 
-    def gradient(self, C: torch.Tensor, variant: str = "exact") -> torch.Tensor:
+    def _gradient_from(self, C: torch.Tensor, ch: torch.Tensor, present: torch.Tensor, variant: str) -> torch.Tensor:
         """Ψ by autograd at Ĉ, for both variants (the release has no custom objectives to reproduce)."""
-        check_choice(variant, "variant", GAIN_VARIANTS)
-        C = _check_confusion(C, self.num_classes)
-        ch = C.detach().to(torch.float64).clamp_min(CLAMP_MIN).requires_grad_(True)
+        ch = ch.detach().clone().requires_grad_(True)  # a copy: ``fn`` must not alter the refresh's Ĉ
         with torch.enable_grad():
             value = self._call(ch)
             grad = torch.autograd.grad(value, ch, allow_unused=True)[0] if value.requires_grad else None
@@ -626,9 +662,6 @@ class CustomObjective(Objective):
         if not bool(torch.isfinite(grad).all()):
             raise ValueError(f"custom objective {self.name!r} has a non-finite gradient at this C")
         return grad.detach()
-
-    def update_multipliers(self, C: torch.Tensor) -> None:
-        _check_confusion(C, self.num_classes)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("name") != self.name:

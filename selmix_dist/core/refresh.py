@@ -1,9 +1,12 @@
-"""One SelMix refresh as a pure function (method spec §3.1–§3.6): validation statistics → P.
+"""One SelMix refresh as a pure function (docs/method.md §3.1–§4.2): validation statistics → P.
 
 From the validation confusion counts and per-class feature sums of the current head: the joint confusion
 C, the prototypes Z, the objective's multipliers (updated in place: they are its state), Ψ = ∂ψ/∂C, the
 gain matrix G and the pair distribution P. The trainer, the gain benchmark and the tests all call this one
 sequence; ``update_objective`` is its first half for users of Ψ without a gain (cost-sensitive heads).
+
+The inputs are validated once, here; C is clamped once, and the objective, gain and distribution steps
+below run on the checked tensors without re-validating them (each is a pass over K² entries).
 """
 
 from __future__ import annotations
@@ -13,16 +16,11 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ._validate import check_finite, check_square
-from .confusion import class_support, joint_confusion
-from .distribution import (
-    TEMPERATURE_RULES,
-    distribution_and_temperature,
-    distribution_entropy,
-    effective_support,
-)
-from .gain import PRIORS, gain_matrix
-from .objectives import GAIN_VARIANTS, Objective
+from ._validate import check_choice, check_finite, check_square
+from .confusion import joint_confusion
+from .distribution import TEMPERATURE_RULES, _distribution, distribution_entropy, effective_support
+from .gain import PRIORS, _check_head, _check_options, _gain_from_clipped
+from .objectives import CLAMP_MIN, GAIN_VARIANTS, Objective
 
 __all__ = ["RefreshSettings", "Refresh", "selmix_refresh", "update_objective"]
 
@@ -35,11 +33,13 @@ class RefreshSettings:
     temperature_rule: "absolute", "relative", or "support" (T solved so that the softmax over the allowed
         pairs has effective support exp(H) = target_support·K pairs; ``temperature`` is then unused).
     target_support: rule "support" only: effective pairs as a multiple of K (capped at the allowed pairs).
-    eps: ε added to every entry of P before renormalising.
+    eps: ε added to every entry of P before renormalising (variant "official": the release's ε of the
+        objective where it hard-codes another, ``Objective.release_eps``: 1e-10 for mean recall).
     positive_only: keep only pairs with positive gain (P uniform over all K² pairs if none).
     uniform: ignore G; P uniform over all K² pairs (the plain-mixup baseline).
-    gain_variant: "exact" (our documented choices) or "official" (reproduces the release: its Ψ in
-        ``Objective.gradient`` and its positive gain term in ``gain_matrix``).
+    gain_variant: "exact" (our documented choices) or "official" (reproduces the release: multipliers from
+        the clipped C in ``Objective.update_multipliers``, its Ψ in ``Objective.gradient``, its positive gain
+        term in ``gain_matrix`` and its ε).
     include_bias: model the bias update in the gain.
     prior: class prior in dC/dA, "balanced" (K) or "empirical" (1/ρ_k).
     mixup_min: λ ~ U[mixup_min, 1] in training; the gain uses λ̄ = (mixup_min + 1) / 2.
@@ -116,19 +116,25 @@ class Refresh:
         return effective_support(self.distribution)
 
 
-def update_objective(counts: torch.Tensor, objective: Objective, device: torch.device | None = None) -> torch.Tensor:
+def update_objective(counts: torch.Tensor, objective: Objective, device: torch.device | None = None,
+                     variant: str = "exact") -> torch.Tensor:
     """C = counts / counts.sum() (float64 [K, K], on ``device``, default counts'), then
-    ``objective.update_multipliers(C)`` (from the raw C, before any gradient, as the release); returns C."""
+    ``objective.update_multipliers(C, variant)`` (before any gradient; from the raw C for "exact", from the
+    clipped C as the release for "official"); returns C."""
+    check_choice(variant, "variant", GAIN_VARIANTS)
     joint = joint_confusion(counts).to(device)
-    objective.update_multipliers(joint)
+    objective.update_multipliers(joint, variant=variant)
     return joint
 
 
-def _check_statistics(counts: object, feature_sums: object, weight: object, objective: Objective) -> int:
+def _check_statistics(counts: object, feature_sums: object, weight: object, bias: object, objective: Objective,
+                      settings: RefreshSettings) -> int:
     counts = check_square(counts, "counts")
     k = counts.shape[0]
-    if counts.is_floating_point():
+    if counts.is_floating_point() or counts.is_complex() or counts.dtype == torch.bool:
         raise ValueError(f"counts must be an integer [K, K] confusion matrix, got {counts.dtype}")
+    if bool(counts.amin() < 0):
+        raise ValueError("counts has negative entries")
     if not isinstance(feature_sums, torch.Tensor) or feature_sums.dim() != 2 or not feature_sums.is_floating_point():
         shape = tuple(feature_sums.shape) if isinstance(feature_sums, torch.Tensor) else type(feature_sums).__name__
         raise ValueError(f"feature_sums must be a floating-point [K, d] tensor, got {shape}")
@@ -140,6 +146,9 @@ def _check_statistics(counts: object, feature_sums: object, weight: object, obje
         raise ValueError(f"weight must have the shape of feature_sums {tuple(feature_sums.shape)}, got {shape}")
     if objective.num_classes not in (None, k):
         raise ValueError(f"the objective has K={objective.num_classes} classes but counts has K={k}")
+    _check_head(weight, bias, k, feature_sums.shape[1])
+    if settings.include_bias and bias is None:
+        raise ValueError("include_bias=True needs a bias (the head has none)")
     return k
 
 
@@ -157,18 +166,29 @@ def selmix_refresh(counts: torch.Tensor, feature_sums: torch.Tensor, weight: tor
 
     Computes on ``weight.device``; returns tensors on that device.
     """
-    k = _check_statistics(counts, feature_sums, weight, objective)
-    device = weight.device
-    support = class_support(counts).to(device=device, dtype=torch.float64)
+    k = _check_statistics(counts, feature_sums, weight, bias, objective, settings)
+    device, variant = weight.device, settings.gain_variant
+    counts = counts.detach().to(device)
+    support = counts.sum(dim=1)
+    total = int(support.sum())
+    if total == 0:
+        raise ValueError("counts is all zero; a joint confusion matrix needs at least one sample")
+    present = support > 0
     prototypes = feature_sums.detach().to(device=device, dtype=torch.float64) / support.clamp_min(1).unsqueeze(1)
-    joint = update_objective(counts, objective, device)
+    joint = counts.to(torch.float64).div_(total)  # exact in float64: the sum of the counts is an integer < 2⁵³
+    clipped = joint.clamp_min(CLAMP_MIN) if variant == "official" or not settings.uniform else None
+    objective._update_from(clipped if variant == "official" else joint, present, variant)
     if settings.uniform:
         gain = torch.zeros(k, k, dtype=torch.float64, device=device)
         return Refresh(joint, prototypes, None, gain, torch.full_like(gain, 1.0 / k**2), math.inf)
-    psi = objective.gradient(joint, variant=settings.gain_variant)
-    gain = gain_matrix(prototypes, weight, bias, joint, psi, variant=settings.gain_variant,
-                       include_bias=settings.include_bias, prior=settings.prior, mixup_mean=settings.mixup_mean)
-    distribution, temperature = distribution_and_temperature(
-        gain, settings.temperature, settings.eps, settings.positive_only, settings.temperature_rule,
-        settings.target_support)
+    with torch.no_grad():
+        psi = objective._gradient_from(joint, clipped, present, variant)
+    lam, block_size = _check_options(k, variant, settings.prior, "gemm", settings.include_bias, bias is not None,
+                                     settings.mixup_mean, torch.float64, None)
+    gain = _gain_from_clipped(prototypes, weight, bias, clipped, psi, variant=variant,
+                              include_bias=settings.include_bias, prior=settings.prior, lam=lam,
+                              dtype=torch.float64, block_size=block_size, method="gemm")
+    eps = objective.release_eps if variant == "official" and objective.release_eps is not None else settings.eps
+    distribution, temperature = _distribution(gain, settings.temperature, eps, settings.positive_only,
+                                              settings.temperature_rule, settings.target_support)
     return Refresh(joint, prototypes, psi, gain, distribution, temperature)

@@ -16,7 +16,8 @@ class LrSchedule:
 
     A run extended to a new `total` (`run.extend_steps`) keeps this rule with the new total: the cosine is
     re-stretched over the whole run, so the lr steps up at the resume step to the value the longer run would
-    have had there. Its attributes are checkpointed through LambdaLR's state dict.
+    have had there. It is built from the config at every start and never restored from a checkpoint
+    (train.build.RunSchedule), so a resume always runs the current total.
     """
 
     def __init__(self, total: int, warmup: int = 0, constant: bool = False):

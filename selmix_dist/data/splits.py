@@ -1,4 +1,4 @@
-"""Long-tailed semi-supervised splits (method doc §1.2) and the split-list files that record them.
+"""Long-tailed semi-supervised splits (docs/method.md §1.2) and the split-list files that record them.
 
 Class rank k (k = 0 is the head; ``class_order[k]`` is its source label, default the source's own order)
 gets ``n_k = ⌊N1 · ρ^(−k/(K−1))⌋`` images (``long_tailed_counts``). The labeled set uses (N1, ρ_l), the
@@ -44,6 +44,7 @@ __all__ = [
     "long_tailed_counts",
     "make_lt_split",
     "open_split_source",
+    "read_split_list",
     "resolve_class_order",
 ]
 
@@ -66,7 +67,7 @@ def _floor_lt(n_max: int, ratio: Fraction, k: int, e: int) -> int:
 
 
 def long_tailed_counts(n_max: int, ratio: float, num_classes: int) -> list[int]:
-    """Per-rank counts ``n_k = ⌊n_max · ratio^(−k/(K−1))⌋``, k = 0 … K−1 (method doc §1.2).
+    """Per-rank counts ``n_k = ⌊n_max · ratio^(−k/(K−1))⌋``, k = 0 … K−1 (docs/method.md §1.2).
 
     Evaluated exactly for the float64 value of ``ratio``. This reproduces every count of the doc's table,
     including ρ_u = 1/100: float64(0.01) is slightly above 1/100, so the last count is ⌊30/0.01⌋ = 2999.
@@ -306,6 +307,38 @@ def load_split(split_dir: str | Path, name: str, source: ImageSource | None = No
     return SplitList(items, torch.from_numpy(labels), entry["sha256"], manifest)
 
 
+def read_split_list(split_dir: str | Path, name: str) -> SplitList:
+    """Split list ``name`` as the user's file now holds it (no sha256 check against ``split.json``), checked
+    for what training needs: the file exists, it lists at least one item, its labels lie in [0, K) (−1 in the
+    unlabeled list), and the validation list has every class. Items are the list's strings (paths or
+    positions, as written); ``sha256`` is the file's current one. Errors name the file, row and class.
+    """
+    split_dir = Path(split_dir)
+    manifest = load_manifest(split_dir)
+    if name not in manifest["lists"]:
+        raise ValueError(f"{split_dir} has no split list {name!r} (has {sorted(manifest['lists'])})")
+    path = split_dir / manifest["lists"][name]["file"]
+    if not path.is_file():
+        raise FileNotFoundError(f"split list {path} of split {name!r} is missing (listed in {split_dir / MANIFEST})")
+    items, labels = read_list_file(path)
+    if not items:
+        raise ValueError(f"split list {path} of split {name!r} is empty: training needs at least one item")
+    k, names = int(manifest["num_classes"]), manifest["class_names"]
+    low = -1 if name == "unlabeled" else 0
+    bad = np.flatnonzero((labels < low) | (labels >= k))
+    if bad.size:
+        row = int(bad[0])
+        raise ValueError(f"split list {path}: row {row} ({items[row]!r}) has label {int(labels[row])} outside "
+                         f"[{low}, {k}) (K = {k} classes in {split_dir / MANIFEST})")
+    if name == "val":
+        empty = np.flatnonzero(np.bincount(labels, minlength=k) == 0).tolist()
+        if empty:
+            listed = [f"{names[c]!r} (label {c})" for c in empty[:5]]
+            raise ValueError(f"split list {path} has no sample of class(es) {', '.join(listed)}"
+                             f"{' and more' if len(empty) > 5 else ''}: prototypes and recalls need at least one")
+    return SplitList(items, torch.from_numpy(labels), _sha256(path), manifest)
+
+
 def open_split_source(split_dir: str | Path, name: str) -> ImageSource:
     """Reopen the source split list ``name`` refers to (the train or the test source) from the manifest."""
     manifest = load_manifest(split_dir)
@@ -328,7 +361,7 @@ def load_unlabeled_true_labels(
     """DIAGNOSTICS ONLY: the hidden true labels of the unlabeled split, as (items, int64[N] labels).
 
     Training code must not call this (the semi-supervised protocol hides these labels); it exists to
-    measure pseudo-label quality or to reproduce the release's label leak (method doc §1.3) on purpose.
+    measure pseudo-label quality or to reproduce the release's label leak (docs/method.md §1.3) on purpose.
     """
     split_dir = Path(split_dir)
     manifest = load_manifest(split_dir)

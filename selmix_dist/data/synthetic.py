@@ -13,7 +13,7 @@ from selmix_dist.data.splits import long_tailed_counts
 
 
 def long_tailed_class_counts(n_max: int, imbalance: float, num_classes: int) -> torch.Tensor:
-    """int64[K] long-tailed counts (method doc §1.2 rule), class 0 the head."""
+    """int64[K] long-tailed counts (docs/method.md §1.2 rule), class 0 the head."""
     return torch.tensor(long_tailed_counts(n_max, imbalance, num_classes), dtype=torch.int64)
 
 

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from selmix_dist.config import doc
 from selmix_dist.features.sets import FeatureSet, TrainData
-from selmix_dist.train.config import doc
 
 # Trainer keys the runner sets itself (run directory, seed, a fresh run each time) or that come from the
 # method entry (objective name and parameters); an experiment file may not set them under `trainer`.
@@ -214,6 +214,13 @@ class CsstSettings(ObjectiveSettings):
 
 
 @dataclass
+class PluginSettings(ObjectiveSettings):
+    iterations: int = doc("Linearised-ascent iterations of the log-weights (core.plugin.fit_plugin).", 50)
+    step: float = doc("First ascent step in logit units (then step/sqrt(t+1)).", 0.5)
+    polish_sweeps: int = doc("Coordinate-polish sweeps over the classes (0: none).", 2)
+
+
+@dataclass
 class CrtSettings:
     steps: int = doc("SGD steps on class-balanced batches (Nesterov 0.9, cosine).", 2000)
     batch_size: int = doc("Batch size.", 256)
@@ -263,6 +270,17 @@ def method_meta(kind: str, label: str, settings: Any, experiment_trainer: dict) 
     return meta
 
 
+def start_metric(kind: str, settings: Any, experiment_trainer: dict) -> str:
+    """The validation metric that picks a method's start among several: the metric it is compared on, else its
+    objective's (a plug-in starts from the head best on the metric it tunes), else mean recall."""
+    compared = KINDS[kind].compared_on(settings, experiment_trainer)
+    if compared:
+        return compared
+    if isinstance(settings, ObjectiveSettings):
+        return _probe_objective(settings).target_metric or "mean_recall"
+    return "mean_recall"
+
+
 def trainer_overrides(mapping: dict) -> list[str]:
     """``{"optim.lr": 3e-3}`` -> ``["optim.lr=0.003"]`` for ``load_config`` (JSON values are YAML)."""
     return [f"{key}={json.dumps(value)}" for key, value in mapping.items()]
@@ -272,7 +290,7 @@ def trainer_config(settings: TrainerSettings, experiment_trainer: dict, seed: in
                    run_dir: str = "<per run>") -> Any:
     """The trainer Config of a method: runner defaults, the experiment's keys, the method's keys, then the
     runner's own keys and the method's objective (ValueError naming a bad or reserved key)."""
-    from selmix_dist.train.config import load_config
+    from selmix_dist.config import load_config
 
     for key in [*experiment_trainer, *settings.trainer]:
         if key in RUNNER_KEYS or key.startswith("objective."):
@@ -362,6 +380,20 @@ def csst_style(ctx: MethodContext, s: CsstSettings) -> nn.Linear:
     return cost_sensitive_finetune(ctx.start(s), r.x, r.y, r.xv, r.yv, objective, steps=s.steps, lr=s.lr,
                                    weight_decay=s.weight_decay, refresh_every=s.refresh_every, seed=ctx.seed,
                                    unlabeled_features=r.xu).head
+
+
+@method_kind("plugin", PluginSettings, uses_unlabeled=False, resolve=_objective_resolved, check=_objective_check)
+def plugin_classifier(ctx: MethodContext, s: PluginSettings) -> nn.Linear:
+    """Post-hoc plug-in: the start head's bias plus per-class log-weights tuned on validation for the objective;
+    the weights' validation score goes into ``info``."""
+    from selmix_dist.core import build_objective
+    from selmix_dist.heads.plugin import fit_plugin_head
+
+    objective = build_objective(s.objective, ctx.k, head=ctx.head_mask, **s.params)
+    head, result = fit_plugin_head(ctx.start(s), ctx.rows.xv, ctx.rows.yv, objective, ctx.head_mask,
+                                   iterations=s.iterations, step=s.step, polish_sweeps=s.polish_sweeps)
+    ctx.info.update(plugin_val_score=list(result.score), plugin_start_val_score=list(result.start_score))
+    return head
 
 
 @method_kind("crt", CrtSettings, uses_unlabeled=False)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from selmix_dist import atomic
+from selmix_dist.config import _closest, load_config
 from selmix_dist.core import head_tail_masks
 from selmix_dist.experiments.data import Subset, load_experiment_features, lt_train_data
 from selmix_dist.experiments.methods import (
@@ -36,6 +37,7 @@ from selmix_dist.experiments.methods import (
     TrainerSession,
     all_rows,
     method_meta,
+    start_metric,
     start_names,
     trainer_overrides,
 )
@@ -43,7 +45,6 @@ from selmix_dist.experiments.spec import ExperimentSpec, spec_dict
 from selmix_dist.experiments.store import ResultStore, digest
 from selmix_dist.experiments.tables import METRICS, results_markdown
 from selmix_dist.features.sets import FeatureSet, TrainData
-from selmix_dist.train.config import _closest, load_config
 
 
 def select_methods(spec: ExperimentSpec, patterns: Sequence[str] | None) -> list[str]:
@@ -243,7 +244,7 @@ def _compute(spec: ExperimentSpec, name: str, unit: SplitRun, store: ResultStore
               for s in start_names(m.settings)}
     ctx = MethodContext(data=unit.data, rows=unit.rows, seed=unit.seed, head_mask=unit.head_mask,
                         experiment_trainer=spec.trainer, starts=starts, session=session,
-                        start_metric=KINDS[m.kind].compared_on(m.settings, spec.trainer) or "mean_recall",
+                        start_metric=start_metric(m.kind, m.settings, spec.trainer),
                         run_dir=runs / f"seed{unit.seed}" / f"rho_u{unit.rho_u:g}" / name)
     t0 = time.perf_counter()
     head = KINDS[m.kind].run(ctx, m.settings)

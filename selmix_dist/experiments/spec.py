@@ -2,10 +2,10 @@
 
     name, description          the experiment (its feature-cache and output directory name; a table caption)
     data:     archive, train, test, class_order
-    split:    n1, rho_l, m1, n_val                       (method doc §1.2; test = the test ImageFolder)
+    split:    n1, rho_l, m1, n_val                       (docs/method.md §1.2; test = the test ImageFolder)
     features: backbone, weights, tag, image_size, batch_size
     seeds:    [0, 1, 2]          rho_u: [100, 1]
-    trainer:  {run.steps: 3000, optim.lr: 3.0e-3, ...}   trainer config keys (selmix_dist.train.config) for
+    trainer:  {run.steps: 3000, optim.lr: 3.0e-3, ...}   trainer config keys (selmix_dist.config) for
                                                          every method of kind 'trainer'
     methods:  {<name>: {kind: <registered kind>, label: <table row>, <the kind's settings>...}, ...}
 
@@ -30,8 +30,8 @@ from typing import Any
 
 import yaml
 
+from selmix_dist.config import _closest, _coerce, doc, load_config
 from selmix_dist.experiments.methods import KINDS, start_names, trainer_overrides
-from selmix_dist.train.config import _closest, _coerce, doc, load_config
 
 
 @dataclass

@@ -125,6 +125,38 @@ def comparison_lines(records: Sequence[dict], methods: dict[str, dict], rho_u: f
     return lines
 
 
+# The metrics on which SelMix-based rows must lead every other row (docs/results.md, "Where SelMix leads").
+LEAD_METRICS = ("min_recall", "min_head_tail_recall", "h_mean", "g_mean")
+
+
+def selmix_based(methods: dict[str, dict], name: str) -> bool:
+    """A SelMix run (a trainer method compared on its objective, not uniform mixup) or a method that starts,
+    directly or through its starts, from one (e.g. SelMix + plug-in)."""
+    meta = methods[name]
+    if meta.get("kind") == "trainer" and meta["compared_on"] is not None:
+        return True
+    start = meta.get("start") or []
+    return any(selmix_based(methods, s) for s in ([start] if isinstance(start, str) else start) if s in methods)
+
+
+def lead_lines(records: Sequence[dict], methods: dict[str, dict], rho_u: float) -> list[str]:
+    """Per LEAD_METRICS metric: the best SelMix-based row against the best other row (test means over seeds)."""
+    present = [n for n in methods if _select(records, n, rho_u)]
+    lines = []
+    for metric in LEAD_METRICS:
+        means = {n: _stats(records, n, rho_u, metric)[0] for n in present}
+        ours = [n for n in present if selmix_based(methods, n)]
+        theirs = [n for n in present if not selmix_based(methods, n)]
+        if not ours or not theirs:
+            continue
+        a, b = max(ours, key=means.get), max(theirs, key=means.get)
+        gap = 100 * (means[a] - means[b])
+        lines.append(f"- ρ_u={rho_u:g}, {METRIC_NAMES[metric]}: best SelMix-based row {methods[a]['label']} "
+                     f"{100 * means[a]:.1f}, best other row {methods[b]['label']} {100 * means[b]:.1f}: "
+                     f"{gap:+.1f} points" + (" (leads by ≥ 1 point)." if gap >= 1.0 else "."))
+    return lines
+
+
 def results_markdown(result: dict[str, Any]) -> str:
     """The printed report: per ρ_u a table (test, mean ± std over seeds, %) and the comparison lines; timings."""
     exp, records, methods = result["experiment"], result["records"], result["methods"]
@@ -137,7 +169,7 @@ def results_markdown(result: dict[str, Any]) -> str:
                      f"ρ_u={rho_u:g}, {exp['features']['tag']} at {exp['features']['image_size']} px): test "
                      f"metrics in %, mean ± std (ddof=1) over seeds {seeds}; time: seconds per seed\n\n"
                      + table_markdown(records, methods, rho_u))
-        lines = comparison_lines(records, methods, rho_u, k)
+        lines = comparison_lines(records, methods, rho_u, k) + lead_lines(records, methods, rho_u)
         if lines:
             parts.append("\n".join(lines) + "\n")
     t = result["timings"]

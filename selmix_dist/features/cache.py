@@ -3,6 +3,7 @@
 Layout of a cache directory:
     manifest.json                          key, chunk size, and per split its hash and chunk list
     <split>/chunk-<start>-<stop>.safetensors   one chunk file (selmix_dist.features.chunks)
+    .writer.lock                           held (flock) by the extraction writing the cache: a second is refused
 
 This module owns the manifest and the extraction; `selmix_dist.features.reader` reads a split back.
 
@@ -20,8 +21,10 @@ it existed) says how to rebuild the backbone.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -53,6 +56,7 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
+WRITER_LOCK = ".writer.lock"
 FORMAT = "selmix_dist.feature_cache/1"
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
@@ -155,7 +159,9 @@ def _around_first_difference(a: str, b: str, width: int = 48) -> tuple[str, str]
 
 
 class _Images(Dataset):
-    """Split position -> resized, cropped image uint8[3,H,W] (labels are never read here)."""
+    """Split position -> resized, cropped image uint8[3,H,W] (labels are never read here), or for an image
+    that cannot be read, the reason as a string naming the row and the file: a DataLoader worker's exception
+    would reach the user as the worker's whole traceback instead."""
 
     def __init__(self, source: Any, indices: np.ndarray, transform: Any):
         self.source, self.indices, self.transform = source, indices, transform
@@ -163,9 +169,18 @@ class _Images(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, pos: int) -> torch.Tensor:
-        image, _ = self.source[int(self.indices[pos])]
+    def __getitem__(self, pos: int) -> torch.Tensor | str:
+        try:
+            image, _ = self.source[int(self.indices[pos])]
+        except (ValueError, OSError) as e:  # the sources name the file (and shard) in their errors
+            return f"row {pos}: {e}"
         return self.transform(image)
+
+
+def _collate(items: list[torch.Tensor | str]) -> torch.Tensor | list[str]:
+    """A batch of images uint8[B,3,H,W], or the reasons of the images in it that cannot be read."""
+    unreadable = [x for x in items if isinstance(x, str)]
+    return unreadable or torch.stack(items)
 
 
 def _chunks_present(split_dir: Path, chunks: list[dict[str, Any]]) -> bool:
@@ -271,21 +286,56 @@ def extract_features(
 
     # Rank 0 decides; every rank learns the decision (or the error) so that none is left waiting.
     decision: tuple[str, Any]
+    lock = None
     if rank == 0:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
+            lock = _lock_writer(out_dir)
             decision = _prepare(out_dir, split, key, split_sha256, n, chunk_size, backbone.num_features,
                                 overwrite, backbone.spec())
         except (ValueError, FileNotFoundError, OSError) as e:
             decision = ("error", e)
     else:
         decision = ("", None)
-    status, payload = dist.broadcast_object(decision)
-    if status == "error":
-        raise payload
+    try:
+        status, payload = dist.broadcast_object(decision)
+        if status == "error":
+            raise payload
+        if status == "done":
+            num_chunks = -(-n // chunk_size)
+            return ExtractStats(split, n, num_chunks, 0, num_chunks, 0, time.perf_counter() - t0, True)
+        return _extract(source, idx, lab, backbone, out_dir, split, key, split_sha256, batch_size, dtype,
+                        num_workers, accelerator, device, chunk_size, progress, t0)
+    finally:
+        if lock is not None:
+            os.close(lock)  # releases the lock (the file stays: removing it would race with a new writer)
+
+
+def _lock_writer(out_dir: Path) -> int:
+    """Rank 0's exclusive hold on `out_dir` while one extraction writes it: a second extraction into the same
+    directory (which would interleave its manifest updates with this one's) is refused, naming the holder.
+    Returns the descriptor that holds the lock (`flock`, released when it is closed or the process dies)."""
+    path = out_dir / WRITER_LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        # The file stays empty (no pid): a cache's files are the same whatever process wrote them.
+        raise ValueError(f"feature cache {out_dir} is being written by another extraction (it holds {path}; "
+                         f"`fuser {path}` names it); wait for it to finish, or extract into another --out") from None
+    return fd
+
+
+def _extract(source: Any, idx: torch.Tensor, lab: torch.Tensor, backbone: FrozenBackbone, out_dir: Path,
+             split: str, key: CacheKey, split_sha256: str, batch_size: int, dtype: str, num_workers: int,
+             accelerator: Any, device: str | torch.device | None, chunk_size: int, progress: bool,
+             t0: float) -> ExtractStats:
+    """The chunks of `split` this rank owns that are not yet on disk and valid, then (rank 0) the sealed
+    manifest entry; `extract_features` has prepared the manifest and holds the writer lock."""
+    n = len(idx)
+    rank, world = dist.world_info()
     num_chunks = -(-n // chunk_size)
-    if status == "done":
-        return ExtractStats(split, n, num_chunks, 0, num_chunks, 0, time.perf_counter() - t0, True)
 
     meta_base = {"key_digest": key.digest(), "split": split, "split_sha256": split_sha256}
     c0, c1 = dist.shard_bounds(num_chunks, rank, world)
@@ -308,7 +358,7 @@ def extract_features(
                for b in range(start, stop, batch_size)]
     images_u8 = _Images(source, idx.numpy(), backbone.transform(train=False, normalize=False))
     loader = DataLoader(images_u8, batch_sampler=batches, num_workers=num_workers if batches else 0,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", collate_fn=_collate)
     store = DTYPES[dtype]
     bar = tqdm(total=sum(b - a for a, b in pending), desc=f"features {split}", unit="img",
                disable=not progress or rank != 0)
@@ -317,6 +367,11 @@ def extract_features(
     buf = torch.empty(stop - start, backbone.num_features, dtype=store)
     filled = 0
     for images in loader:
+        if isinstance(images, list):
+            # Skipping would leave the cache without rows its split list names: refuse, keeping the chunks done.
+            raise ValueError(f"split {split!r}: {len(images)} image(s) of chunk [{start}, {stop}) cannot be read "
+                             f"({'; '.join(images)}); replace the file(s), or remove them from the source and remake "
+                             "the split (tools/make_lt_split.py)")
         feats = backbone(backbone.normalize(images.to(device, non_blocking=True))).to(store).cpu()
         if not bool(torch.isfinite(feats).all()):
             raise ValueError(f"split {split!r}: non-finite features in chunk [{start}, {stop}) "

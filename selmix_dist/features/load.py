@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
+from selmix_dist.config import Config
 from selmix_dist.features.sets import FeatureSet, OnlineFeatureSet, TrainData
-from selmix_dist.train.config import Config
 
 
 def _split_names(cfg: Config) -> dict[str, str]:
@@ -32,6 +32,7 @@ def _class_names(split_dir: str) -> list[str] | None:
 
 def cached_train_data(cfg: Config) -> TrainData:
     """Mode 'features': every split from the feature cache `data.features`, read on demand (no copy)."""
+    from selmix_dist.features.lists import check_cache_against_list
     from selmix_dist.features.reader import open_features
 
     if not cfg.data.features:
@@ -39,6 +40,8 @@ def cached_train_data(cfg: Config) -> TrainData:
     sets: dict[str, Any] = {}
     for role, split in _split_names(cfg).items():
         reader = open_features(cfg.data.features, split)
+        if cfg.data.split_dir:  # the lists are the user's: the cache must hold what they now say
+            check_cache_against_list(reader, cfg.data.features, cfg.data.split_dir, split)
         sets[role] = FeatureSet(reader, reader.labels, split)
     return TrainData(class_names=_class_names(cfg.data.split_dir), **sets)
 

@@ -61,9 +61,10 @@ class CachedFeatures:
     """
 
     def __init__(self, files: list[tuple[Path, int]], starts: list[int], labels: torch.Tensor,
-                 indices: torch.Tensor, num_features: int, dtype: torch.dtype, name: str):
-        """files: per chunk (path, byte offset of its features); starts: each chunk's first row."""
-        self.labels, self.indices = labels, indices
+                 indices: torch.Tensor, num_features: int, dtype: torch.dtype, name: str, split_sha256: str = ""):
+        """files: per chunk (path, byte offset of its features); starts: each chunk's first row;
+        split_sha256: the split's hash recorded at extraction (of its list file, or of its rows)."""
+        self.labels, self.indices, self.split_sha256 = labels, indices, split_sha256
         self.num_features, self.dtype, self.name = num_features, dtype, name
         self._paths = [path for path, _ in files]
         self._offsets = np.asarray([offset for _, offset in files], dtype=np.int64)
@@ -161,7 +162,7 @@ def open_features(cache_dir: str | Path, split: str, *, key: CacheKey | None = N
         covered = b
     if covered != n:
         raise ValueError(f"feature cache {cache_dir}: the chunks of split {split!r} do not tile [0, {n})")
-    return CachedFeatures(files, starts, labels, indices, d, dtype, split)
+    return CachedFeatures(files, starts, labels, indices, d, dtype, split, entry["split_sha256"])
 
 
 def load_features(cache_dir: str | Path, split: str, *, key: CacheKey | None = None,

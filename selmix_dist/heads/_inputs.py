@@ -85,7 +85,7 @@ def copy_head(head: nn.Linear) -> nn.Linear:
 
 
 def param_groups(head: nn.Linear, weight_decay: float) -> list[dict]:
-    """SelMix's convention (§4.4): weight decay on the weight matrix only, never on the bias."""
+    """SelMix's convention (docs/method.md §5.4): weight decay on the weight matrix only, never on the bias."""
     groups = [{"params": [head.weight], "weight_decay": weight_decay}]
     if head.bias is not None:
         groups.append({"params": [head.bias], "weight_decay": 0.0})

@@ -1,6 +1,6 @@
 """Plain feature-mixup fine-tuning with uniformly drawn pairs (the non-selective baseline for SelMix).
 
-Same mixup rule as SelMix (spec §3.3, §4.1): for a pair (labeled sample x1 with label y1, partner x2) and
+Same mixup rule as SelMix (docs/method.md §5.2): for a pair (labeled sample x1 with label y1, partner x2) and
 lambda ~ U[lambda_min, 1] per pair, train with CE(head(lambda x1 + (1 - lambda) x2), y1) — the label of the
 dominant (labeled) sample, no label mixing. Here both members are drawn uniformly *per sample* (with
 replacement) from their pools, i.e. pair classes follow the empirical (long-tailed) class frequencies; the

@@ -1,5 +1,5 @@
 """FixMatch-style self-training of a linear head on fixed features, with the logit-adjusted labeled loss
-(the feature-space analogue of the "FixMatch (LA)" pre-training SelMix starts from, spec §1.4).
+(the feature-space analogue of the "FixMatch (LA)" pre-training SelMix starts from, docs/method.md §1.4).
 
 Per step t (all randomness from generator(seed, "self_train", t)):
   * B labeled samples and mu·B unlabeled samples, drawn uniformly with replacement;

@@ -19,9 +19,10 @@ from torch import nn
 from selmix_dist.heads.evaluate import evaluate_head
 from selmix_dist.heads.fit import fit_head
 from selmix_dist.heads.selftrain import self_train_head
+from selmix_dist.torch_files import load_tensors
 
 FITTED = ("la", "ce", "fixmatch_la")
-AUTO = "auto"   # 'fixmatch_la' in setting 'semi', 'la' in 'supervised': the paper's rule (README, start head)
+AUTO = "auto"   # 'fixmatch_la' in setting 'semi', 'la' in 'supervised': the paper's rule (docs/defaults.md, start head)
 # Self-training draws init_head_steps × 128 unlabeled rows (38 400 at the default 300 steps), so a seeded
 # subset of this many rows stands in for a larger pool, which would otherwise be copied whole as float32
 # (10.5 GB for ImageNet-1k's 1.28 M × 2048).
@@ -44,7 +45,7 @@ def fit_start_head(kind: str, labeled: torch.Tensor, labels: torch.Tensor, num_c
     """`kind` ∈ FITTED. labeled float32[N, d], labels int64[N]; unlabeled float32[M, d] (fixmatch_la only).
 
     'ce' / 'la': (logit-adjusted) cross-entropy by L-BFGS; 'fixmatch_la': the LA head, then FixMatch-style
-    self-training on the unlabeled features (method doc §1.4).
+    self-training on the unlabeled features (docs/method.md §1.4).
     """
     with fixed_threads():
         head = fit_head(labeled, labels, num_classes, loss="ce" if kind == "ce" else "logit_adjusted",
@@ -86,7 +87,7 @@ def read_head(path: str | Path, dim: int, num_classes: int) -> nn.Linear:
     if not path.is_file():
         raise ValueError(f"config key 'model.init_head': {str(path)!r} is neither one of {[*FITTED, AUTO]}, 'zeros' "
                          "nor an existing file")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_tensors(path, "head file")
     state = state.get("head", state) if isinstance(state, dict) else state
     head = nn.Linear(dim, num_classes)
     try:

@@ -1,4 +1,4 @@
-"""Checkpoints: find, verify, load, save, prune — and the rule for what a resume may change.
+"""Checkpoints: find, verify, load, save when due, prune, keep the best head — and what a resume may change.
 
 A checkpoint is one `torch.save`d dict of plain tensors and Python values (loadable with
 `weights_only=True`) holding everything that decides the future of the run (head, optimizer, schedule,
@@ -6,18 +6,24 @@ objective multipliers, P and partner labels, gain history, step, best metric), t
 produced it, and `checksum`: a sha256 over every other entry's content, verified at load, so a bit flip
 is caught even where the container still unpickles. A checkpoint with a non-finite head is never written.
 Files are written atomically (selmix_dist.atomic), so a crash mid-write leaves the previous one intact.
+The `Checkpointer` decides when: the loop offers it every step, and it writes every `run.checkpoint_every`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from selmix_dist import distributed as dist
+from selmix_dist.heads.start import read_head
+from selmix_dist.torch_files import load_tensors
 from selmix_dist.train.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -72,10 +78,7 @@ def list_step_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load and verify one checkpoint; ValueError naming the file and the reason if it is unusable."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated or foreign files raise many kinds of errors
-        raise ValueError(f"checkpoint {path} cannot be read: {err}") from err
+    state = load_tensors(path, "checkpoint")
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} is not a selmix_dist checkpoint")
     version = state.get("format_version")
@@ -119,13 +122,21 @@ def check_identity(path: Path, saved: dict[str, Any], current: dict[str, Any]) -
 
 
 class Checkpointer:
-    """Step checkpoints of one run: `latest()`, `save()`, pruning to the newest `keep` valid ones."""
+    """The checkpoints of one run: a step checkpoint every `every` steps (0: only when forced), found and
+    verified at resume (`latest()`), pruned to the newest `keep` valid ones; and best.pt, the head with the
+    best validation metric (`save_if_best`), whose record {metric, step} is this part's own checkpointed state.
+    """
 
-    def __init__(self, run_dir: RunDir, keep: int):
+    def __init__(self, run_dir: RunDir, keep: int, every: int = 0):
         self.run_dir = run_dir
         self.dir = run_dir.checkpoints
-        self.keep = keep
+        self.keep, self.every = keep, every
+        self.best: dict[str, Any] = {"metric": -math.inf, "step": -1}
         self._verified: set[tuple[str, int, int]] = set()  # (name, size, mtime_ns) known to load
+
+    @property
+    def best_path(self) -> Path:
+        return self.dir / "best.pt"
 
     def latest(self) -> tuple[Path, dict[str, Any]] | None:
         found = latest_valid_checkpoint(self.dir)
@@ -136,7 +147,35 @@ class Checkpointer:
     def any_present(self) -> bool:
         return bool(list_step_checkpoints(self.dir))
 
-    def save(self, state: dict[str, Any]) -> Path:
+    def save(self, step: int, capture: Callable[[], dict[str, Any]], *, force: bool = False) -> Path | None:
+        """Checkpoint `step` if it is due (a multiple of `every`) or `force`d (the run's end, a signal): called on
+        every rank, `capture()` builds the body only then, rank 0 writes it, and the ranks meet after."""
+        if not force and not (self.every and step % self.every == 0):
+            return None
+        path = self.write(capture())
+        log.info("checkpoint: step %d → %s", step, path)
+        dist.barrier()
+        return path
+
+    def save_if_best(self, step: int, metric: float, payload: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Record the validation `metric` of the head at `step`; a new best (strictly greater: ties keep the
+        earlier step) writes best.pt, {step, metric, **payload()}, on rank 0. Returns the best so far."""
+        if metric > self.best["metric"]:
+            self.best = {"metric": metric, "step": step}
+            self.run_dir.torch_save({"step": step, "metric": metric, **payload()}, self.best_path)
+        return self.best
+
+    def best_head(self, num_features: int, num_classes: int) -> torch.nn.Linear:
+        """The head of best.pt, Linear(num_features → num_classes)."""
+        return read_head(self.best_path, num_features, num_classes)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": dict(self.best)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = dict(state["best"])
+
+    def write(self, state: dict[str, Any]) -> Path:
         """Write `state` (rank 0) as step_<step>.pt with its checksum, then prune. Refuses a non-finite head."""
         bad = [k for k, t in state["head"].items() if not bool(torch.isfinite(t).all())]
         if bad:

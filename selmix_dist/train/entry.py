@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from selmix_dist import distributed as dist
+from selmix_dist.config import Config
 from selmix_dist.features.load import train_data
-from selmix_dist.train.config import Config
 from selmix_dist.train.monitor import setup_logging
 from selmix_dist.train.preemption import Preemption
 from selmix_dist.train.trainer import Trainer

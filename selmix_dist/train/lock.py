@@ -6,11 +6,13 @@ Two mechanisms, because run directories often live on filesystems shared by seve
   `HEARTBEAT_SECONDS`. A lock of this host whose PID is gone is stale; a lock of another host is stale once
   its heartbeat is older than `stale_after` seconds (we cannot ask another host whether a PID lives).
 A stale lock is reported and taken over; a live one refuses the second run with a message naming it.
+The lock file is opened with O_NOFOLLOW: a symlink planted at its name is refused, never written through.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -20,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from selmix_dist.atomic import pid_alive
+from selmix_dist.atomic import pid_alive, reported
 
 log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 30.0
@@ -56,9 +58,22 @@ class RunLock:
             return f"its heartbeat is {age:.0f} s old (> run.lock_stale_seconds={self.stale_after:g})"
         return None
 
+    def _open(self):
+        """The lock file for reading and writing, created if absent; never through a symlink."""
+        with reported(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as err:
+                if err.errno != errno.ELOOP:
+                    raise
+                raise ValueError(f"lock file {self.path} is a symbolic link (to {os.readlink(self.path)!r}): a lock "
+                                 "is never taken through a link, which would overwrite its target; remove the "
+                                 "link, or use another run.dir") from None
+        return os.fdopen(fd, "r+")
+
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")
+        fh = self._open()
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -73,10 +88,15 @@ class RunLock:
                 fh.close()
                 raise RunLockedError(self._refusal(holder))
             log.warning("taking over a stale lock %s held by %s: %s", self.path, _describe(holder), reason)
-        fh.seek(0)
-        fh.truncate()
-        fh.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}))
-        fh.flush()
+        try:
+            with reported(self.path):
+                fh.seek(0)
+                fh.truncate()
+                fh.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}))
+                fh.flush()
+        except BaseException:
+            fh.close()
+            raise
         self._fh = fh
         self._beat = threading.Thread(target=self._heartbeat, name="run-lock-heartbeat", daemon=True)
         self._beat.start()

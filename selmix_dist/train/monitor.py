@@ -10,11 +10,13 @@ the progress bar) and to run.dir/train.log; other ranks print warnings only, pre
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import re
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +47,25 @@ class _ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
+class _RunLogFile(logging.FileHandler):
+    """run.dir/train.log. A write the storage refuses (a full disk) is reported once on stderr and the file is
+    given up: the log must never fail the run, and the run's next result file reports the disk as its error."""
+
+    given_up = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.given_up:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        err = sys.exc_info()[1]
+        if not isinstance(err, OSError):
+            super().handleError(record)
+        elif not self.given_up:
+            self.given_up = True
+            sys.stderr.write(f"warning: {self.baseFilename} is no longer written: {err.strerror or err}\n")
+
+
 def setup_logging(rank: int, log_file: Path | None = None) -> None:
     """Configure the `selmix_dist` logger for this process (idempotent: replaces handlers it added)."""
     logger = logging.getLogger(LOGGER)
@@ -57,7 +78,7 @@ def setup_logging(rank: int, log_file: Path | None = None) -> None:
     handlers: list[logging.Handler] = [console]
     if log_file is not None and rank == 0:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        file = logging.FileHandler(log_file)
+        file = _RunLogFile(log_file)
         file.setFormatter(logging.Formatter(_FORMAT))
         handlers.append(file)
     for h in handlers:
@@ -134,20 +155,24 @@ class Monitor:
         self.writer = None
         self.bar = None
         self.run_dir, self.history_path = run_dir, run_dir / "history.jsonl"
+        self.forecast_path = run_dir / "forecast.jsonl"     # the gain's predictions against what followed
         self.class_names = class_names
         self.class_tags = [f"{k:03d}_{_tag(n)}" for k, n in enumerate(class_names)] if class_names else None
         self._narrow, self._warned_narrow = 0, False
         self._snapshot: dict | None = None
         if not enabled:
             return
-        _truncate_history(self.history_path, first_new_step)
-        self.history_path.touch()
-        run_dir.record(self.history_path)
+        for path in (self.history_path, self.forecast_path):
+            _truncate_history(path, first_new_step)
+            path.touch()
+            run_dir.record(path)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(run_dir.tensorboard), purge_step=first_new_step or None)
-            run_dir.record(Path(self.writer.file_writer.event_writer._file_name))
+            self.events_path = Path(self.writer.file_writer.event_writer._file_name)
+            run_dir.record(self.events_path)
+            _quiet_tensorboard_thread_errors()
         if progress:
             from tqdm.auto import tqdm
 
@@ -159,34 +184,45 @@ class Monitor:
             return
         from torch.utils.tensorboard.summary import hparams
 
-        self.writer.add_text("config", "```\n" + config_text + "```", 0)
         values = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in flat_config.items()}
-        file_writer = self.writer._get_file_writer()
-        for summary in hparams(values, dict.fromkeys(metric_tags, 0.0)):
-            file_writer.add_summary(summary)
+        with self._writing_events():
+            self.writer.add_text("config", "```\n" + config_text + "```", 0)
+            file_writer = self.writer._get_file_writer()
+            for summary in hparams(values, dict.fromkeys(metric_tags, 0.0)):
+                file_writer.add_summary(summary)
+
+    def _writing_events(self) -> contextlib.AbstractContextManager:
+        """Around every TensorBoard call: a write error of its writer thread (a full disk), raised at the next
+        call, becomes one StorageError naming the events file."""
+        return atomic.reported(self.events_path)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(key, value, step)
+            with self._writing_events():
+                for key, value in values.items():
+                    self.writer.add_scalar(key, value, step)
 
     def histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
         if self.writer is not None and values.numel() > 0:
-            self.writer.add_histogram(tag, values.detach().cpu().to(torch.float64), step)
+            with self._writing_events():
+                self.writer.add_histogram(tag, values.detach().cpu().to(torch.float64), step)
 
     def per_class(self, tag: str, values: torch.Tensor, step: int, max_scalars: int = 32) -> None:
         """Per-class values: individual scalars for small K, a histogram always."""
         if self.writer is None:
             return
         if values.numel() <= max_scalars:
-            for k, v in enumerate(values.tolist()):
-                name = self.class_tags[k] if self.class_tags else f"class_{k:03d}"
-                self.writer.add_scalar(f"{tag}/{name}", v, step)
+            with self._writing_events():
+                for k, v in enumerate(values.tolist()):
+                    name = self.class_tags[k] if self.class_tags else f"class_{k:03d}"
+                    self.writer.add_scalar(f"{tag}/{name}", v, step)
         self.histogram(tag, values, step)
 
     def image(self, tag: str, matrix: torch.Tensor, step: int, order: torch.Tensor | None = None) -> None:
         if self.writer is not None:
-            self.writer.add_image(tag, heatmap_image(matrix, order, self.class_names), step, dataformats="CHW")
+            picture = heatmap_image(matrix, order, self.class_names)
+            with self._writing_events():
+                self.writer.add_image(tag, picture, step, dataformats="CHW")
 
     def evaluation(self, step: int, split: str, metrics: dict[str, float], per_class_recall: torch.Tensor,
                    head_step: int | None = None) -> None:
@@ -198,19 +234,29 @@ class Monitor:
                   "per_class_recall": per_class_recall.tolist()}
         if head_step is not None:
             record["head_step"] = head_step
-        with open(self.history_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        self._append(self.history_path, record)
         self.scalars({f"{split}/{k}": v for k, v in metrics.items()}, step)
         self.per_class(f"{split}/per_class_recall", per_class_recall, step)
 
+    def _append(self, path: Path, record: dict) -> None:
+        with atomic.reported(path), open(self.run_dir.inside(path), "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
     def refresh(self, record, objective, class_order: torch.Tensor, cfg) -> None:
-        """Everything a refresh decided: gain, P's spread, timings, multipliers, pseudo-labels, heatmaps."""
+        """Everything a refresh decided: gain, its forecast against what followed, P's spread, timings,
+        multipliers, pseudo-labels, heatmaps."""
         if not self.enabled:
             return
         r, step = record.result, record.step
         support = r.effective_support
-        self.scalars({"selmix/max_gain": r.max_gain, "selmix/entropy_P": r.entropy,
-                      "selmix/effective_support": support, "selmix/temperature": r.temperature,
+        if (f := record.forecast) is not None:
+            self._append(self.forecast_path, {"step": f.next_step, "from_step": f.step, "predicted": f.predicted,
+                                              "realised": f.realised})
+            self.scalars({"selmix/psi_change_predicted": f.predicted, "selmix/psi_change_realised": f.realised},
+                         step)
+        self.scalars({"selmix/gain_rate": record.gain_rate, "selmix/max_gain": r.max_gain,
+                      "selmix/entropy_P": r.entropy, "selmix/effective_support": support,
+                      "selmix/temperature": r.temperature,
                       **{f"time/refresh_{k}": v for k, v in record.timings.items()}}, step)
         for name, values in objective.multipliers().items():
             self.per_class(f"multipliers/{name}", values.flatten(), step)
@@ -241,6 +287,17 @@ class Monitor:
                         "norms). Use selmix.temperature_rule=support (or relative), or a larger temperature",
                         NARROW_SUPPORT, NARROW_REFRESHES, cfg.selmix.temperature_rule, cfg.selmix.temperature)
 
+    def plugin(self, step: int, record: dict, target: str) -> None:
+        """The plug-in step: plugin.json and its target metric on validation (and test) in TensorBoard."""
+        if not self.enabled:
+            return
+        self.run_dir.write_json("plugin.json", record)
+        self.scalars({f"plugin/{split}_{target}": record[split][target] for split in ("val", "test")
+                      if split in record}, step)
+        log.info("plug-in on the head of step %d: validation %s %.4f → %.4f%s", record["head_step"], target,
+                 record["start_val_score"][1], record["val_score"][1],
+                 f", test {record['test'][target]:.4f}" if "test" in record else "")
+
     def summary(self, step: int, best: dict, target: str, run_dir) -> None:
         """The end of a run: target metric before → after on each split, best step, where things are."""
         if not self.enabled:
@@ -266,13 +323,40 @@ class Monitor:
             self.bar.update(0)
 
     def close(self) -> None:
-        if self._snapshot is not None:
-            self.run_dir.torch_save(self._snapshot, self.run_dir / "distribution_last.pt")
-        if self.bar is not None:
-            self.bar.close()
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+        """Write the latest P/G snapshot, close the progress bar and TensorBoard (called in the trainer's `finally`).
+
+        While an error is already on its way out (a full disk, a diverged run) the snapshot is not written and
+        TensorBoard's own write errors are dropped: they would only bury the first error under more tracebacks.
+        """
+        failing = sys.exc_info()[1] is not None
+        try:
+            if self._snapshot is not None and not failing:
+                self.run_dir.torch_save(self._snapshot, self.run_dir / "distribution_last.pt")
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+            if self.writer is not None:
+                with contextlib.suppress(OSError) if failing else self._writing_events():
+                    self.writer.flush()
+                    self.writer.close()
+
+
+def _quiet_tensorboard_thread_errors() -> None:
+    """Keep tensorboard's writer thread from printing its own traceback when a write fails: the thread stores the
+    error and tensorboard raises it again in the main thread at the next call, where it is reported once (see
+    `Monitor._writing_events`). Other threads' errors still reach the previous hook. Idempotent."""
+    previous = threading.excepthook
+    if getattr(previous, "_selmix_quiet", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+        if not (isinstance(args.thread, _AsyncWriterThread) and issubclass(args.exc_type, OSError)):
+            previous(args)
+
+    hook._selmix_quiet = True
+    threading.excepthook = hook
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:

@@ -1,8 +1,11 @@
-"""Preemption: SIGTERM / SIGUSR1 (SLURM's warning before the time limit, torch elastic's stop) at any time.
+"""Preemption: SIGTERM / SIGUSR1 (SLURM's warning before the time limit, torch elastic's stop) / SIGINT
+(Ctrl-C) at any time.
 
 `Preemption.install()` runs at process start. Until the training loop is ready, a signal ends the process
-at once with exit code 0 (there is no step boundary newer than the last checkpoint to save), after asking
-SLURM to requeue the job. Once the loop runs (`arm()`), a signal only sets a flag; `requested()` is a
+at once (there is no step boundary newer than the last checkpoint to save), after asking SLURM to requeue
+the job: with exit code 0 when it runs alone, else 128 + the signal's number, so that the launcher's agent
+sees the rank fail and stops the others (a rank that exited 0 would leave them waiting for it in their
+first collective). Once the loop runs (`arm()`), a signal only sets a flag; `requested()` is a
 collective over ranks that the loop calls every `run.signal_poll_every` steps and the refresh after every
 batch of its passes, so the checkpoint of the latest step boundary follows within one batch or a few steps.
 """
@@ -18,7 +21,10 @@ import sys
 from selmix_dist import distributed as dist
 
 log = logging.getLogger(__name__)
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# SIGINT too: as a KeyboardInterrupt it lost the steps since the last checkpoint, and in a forked rank torch
+# elastic's wrapper swallows a KeyboardInterrupt and exits 0 without an exit code for the agent, which then waits
+# for that rank forever.
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class Preemption:
@@ -43,7 +49,7 @@ class Preemption:
             log.warning("%s received during set-up: nothing new to checkpoint, exiting",
                         signal.Signals(signum).name)
             self.requeue()
-            sys.exit(0)
+            sys.exit(0 if int(os.environ.get("WORLD_SIZE", "1")) == 1 else 128 + signum)
 
     def requested(self) -> bool:
         """Collective: True on every rank when any rank has received a signal."""

@@ -1,4 +1,4 @@
-"""The refresh (method doc §4): measure C and the prototypes, pseudo-label, recompute G and P, rebuild the sampler.
+"""The refresh (docs/method.md §4.3): measure C and the prototypes, pseudo-label, recompute G and P, rebuild sampling.
 
 Order of one refresh, identical on every rank: sharded validation pass (counts + feature sums, reduced) →
 pseudo-labels of the unlabeled split (sharded, gathered; every `pseudo_label_every` refreshes) →
@@ -11,17 +11,19 @@ checkpointed; everything else of a refresh is logged.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from selmix_dist import distributed as dist
-from selmix_dist.core import PairSampler
+from selmix_dist.config import SelMixConfig
+from selmix_dist.core import PairSampler, joint_confusion
+from selmix_dist.core.forecast import Forecast, GainForecast
 from selmix_dist.core.objectives import Objective
 from selmix_dist.core.refresh import Refresh, RefreshSettings, selmix_refresh
 from selmix_dist.features.sets import FeatureSet
 from selmix_dist.memory import release_freed_memory
-from selmix_dist.train.config import Config
 from selmix_dist.train.evaluator import Evaluator, Poll
 
 
@@ -34,34 +36,40 @@ class RefreshRecord:
     result: Refresh                      # C, prototypes, ψ', G, P, T
     partner_labels: torch.Tensor         # int32[N2] (−1: no label)
     timings: dict[str, float] = field(default_factory=dict)
+    gain_rate: float = 0.0               # Σ P∘G: ψ's expected change per unit lr of one step (core.forecast)
+    forecast: Forecast | None = None     # the previous refresh's prediction against what this one measured
 
 
 class Refresher:
     """Owns the objective, P, the partner labels and the pair sampler of a run."""
 
-    def __init__(self, cfg: Config, objective: Objective, evaluator: Evaluator, *, labeled: FeatureSet,
-                 partners: FeatureSet, val: FeatureSet, log_prior: torch.Tensor):
-        self.cfg, self.objective, self.evaluator = cfg, objective, evaluator
+    def __init__(self, selmix: SelMixConfig, objective: Objective, evaluator: Evaluator, *, refresh_every: int,
+                 labeled: FeatureSet, partners: FeatureSet, val: FeatureSet, log_prior: torch.Tensor,
+                 lr_sum: Callable[[int, int], float]):
+        """``lr_sum(start, stop)``: the learning rates of steps start … stop − 1 summed (the gain forecast)."""
+        self.selmix, self.refresh_every, self.objective, self.evaluator = selmix, refresh_every, objective, evaluator
         self.labeled, self.partners, self.val = labeled, partners, val
-        self.semi = cfg.selmix.setting == "semi"
-        s = cfg.selmix
+        self.semi = selmix.setting == "semi"
         self.settings = RefreshSettings(
-            temperature=s.temperature, temperature_rule=s.temperature_rule, target_support=s.target_support,
-            eps=s.eps, positive_only=s.positive_only, uniform=s.uniform, gain_variant=s.gain_variant,
-            include_bias=s.include_bias, prior=s.prior, mixup_min=s.mixup_min)
-        self.pseudo_prior = log_prior * s.pseudo_logit_adjust if s.pseudo_logit_adjust else None
+            temperature=selmix.temperature, temperature_rule=selmix.temperature_rule,
+            target_support=selmix.target_support, eps=selmix.eps, positive_only=selmix.positive_only,
+            uniform=selmix.uniform, gain_variant=selmix.gain_variant, include_bias=selmix.include_bias,
+            prior=selmix.prior, mixup_min=selmix.mixup_min)
+        self.pseudo_prior = log_prior * selmix.pseudo_logit_adjust if selmix.pseudo_logit_adjust else None
         self.step: int | None = None           # the step whose refresh decided P (None: none yet)
         self.distribution: torch.Tensor | None = None
         self.partner_labels: torch.Tensor | None = None
         self.sampler: PairSampler | None = None
+        self.forecast = GainForecast()
+        self.lr_sum = lr_sum
 
     def due(self, step: int) -> bool:
-        return step % self.cfg.run.refresh_every == 0 and self.step != step
+        return step % self.refresh_every == 0 and self.step != step
 
     def _pseudo_label_due(self, step: int) -> bool:
         """At the first refresh, then every `selmix.pseudo_label_every` refreshes."""
-        index = step // self.cfg.run.refresh_every
-        return self.partner_labels is None or index % self.cfg.selmix.pseudo_label_every == 0
+        index = step // self.refresh_every
+        return self.partner_labels is None or index % self.selmix.pseudo_label_every == 0
 
     def refresh(self, head: torch.nn.Linear, step: int, poll: Poll) -> RefreshRecord:
         """One refresh at `step` (every rank). Raises evaluator.Interrupted if `poll` fires during a pass."""
@@ -76,15 +84,20 @@ class Refresher:
         lap("eval")
         pseudo = self.semi and self._pseudo_label_due(step)
         if pseudo:
-            labels = self.evaluator.pseudo_labels(head, self.partners, threshold=self.cfg.selmix.pseudo_threshold,
+            labels = self.evaluator.pseudo_labels(head, self.partners, threshold=self.selmix.pseudo_threshold,
                                                   log_prior=self.pseudo_prior, poll=poll)
         else:
             labels = self.partner_labels if self.semi else self.labeled.labels.to(torch.int32)
         lap("pseudo_labels")
+        # ψ of this C with the multipliers that decided the last P: what the last forecast predicted the change of.
+        psi_before = float(self.objective.psi(joint_confusion(val.counts)))
+        forecast = self.forecast.close(step, psi_before, self.lr_sum(self.step, step) if self.step is not None else 0.0)
         # From here on the refresh commits: the objective's multipliers move and P is replaced.
         device = self.evaluator.device
         result = selmix_refresh(val.counts, val.feature_sums.to(device), head.weight.detach().to(torch.float64),
                                 head.bias.detach().to(torch.float64), self.objective, self.settings)
+        rate = GainForecast.rate(result.gain, result.distribution)
+        self.forecast.open(step, rate, float(self.objective.psi(result.joint)))
         lap("gain")
         # Every rank computed the same P from the same reduced statistics; rank 0's copy is authoritative.
         result.distribution = dist.broadcast_tensor(result.distribution)
@@ -93,7 +106,7 @@ class Refresher:
         release_freed_memory()   # the passes' buffers, which glibc would otherwise keep in this rank's heap
         lap("sampler")
         timings["total"] = sum(timings.values())
-        return RefreshRecord(step, val.counts, result, labels, timings)
+        return RefreshRecord(step, val.counts, result, labels, timings, rate, forecast)
 
     def _commit(self, step: int, distribution: torch.Tensor, partner_labels: torch.Tensor) -> None:
         self.step, self.distribution, self.partner_labels = step, distribution, partner_labels
@@ -106,8 +119,10 @@ class Refresher:
     def state_dict(self) -> dict | None:
         if self.step is None:
             return None
-        return {"step": self.step, "distribution": self.distribution.cpu(), "partner_labels": self.partner_labels}
+        return {"step": self.step, "distribution": self.distribution.cpu(), "partner_labels": self.partner_labels,
+                "forecast": self.forecast.state_dict()}
 
     def load_state_dict(self, state: dict | None) -> None:
         if state is not None:
             self._commit(int(state["step"]), state["distribution"], state["partner_labels"].to(torch.int32))
+            self.forecast.load_state_dict(state.get("forecast"))   # absent in checkpoints before the forecast

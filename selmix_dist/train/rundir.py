@@ -14,6 +14,11 @@ Contract (all written by rank 0, atomically):
 
 Rules: a directory that is not empty and holds no manifest is not ours, and a run never starts in it; a
 fresh start in our own directory removes exactly the listed artifacts; a complete run is never touched.
+
+Containment (`RunDir.inside`, the one rule every writer goes through): a path the run writes, appends to,
+locks or removes must resolve, all symlinks followed, to a place inside run.dir. The fixed layout is checked
+when the run opens and every manifest entry before anything is removed, so a planted link (`.lock` →
+../victim) or a tampered run.json ("../victim") is refused with an error naming it and nothing is touched.
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ FORMAT = "selmix_dist.run/1"
 _LEGACY_ARTIFACTS = ("config.yaml", "meta.json", "history.jsonl", "init_head.pt", "distribution_first.pt",
                      "distribution_last.pt", "report.json", "report.csv", "report.md", "per_class_recall.png",
                      "distribution.png", "target_metric.png")
+# Everything a run opens by a fixed name (files it appends to or locks, folders it creates files in): checked
+# for containment when the run opens, before the first write.
+_LAYOUT = (MANIFEST, ".lock", "train.log", "history.jsonl", "config_history.jsonl", "checkpoints", "tb",
+           *_LEGACY_ARTIFACTS)
 
 
 class RunDirError(ValueError):
@@ -53,6 +62,17 @@ class RunDir:
     # ------------------------------------------------------------------ paths
     def __truediv__(self, name: str) -> Path:
         return self.root / name
+
+    def inside(self, path: str | Path) -> Path:
+        """`path` itself when it resolves (every symlink followed) to a place inside run.dir, else RunDirError.
+
+        The containment rule of the module doc: every write, append, lock and removal of a run checks here.
+        """
+        root, resolved = self.root.resolve(), Path(path).resolve()
+        if resolved != root and root not in resolved.parents:
+            raise RunDirError(f"{path} resolves to {resolved}, outside run.dir {root}: a run writes and removes "
+                              "files only inside its own directory; remove that link (or use another run.dir)")
+        return Path(path)
 
     # ------------------------------------------------------------------ manifest
     def manifest(self) -> dict[str, Any] | None:
@@ -77,14 +97,14 @@ class RunDir:
 
     def _save_manifest(self) -> None:
         if self.main:
-            atomic.write_text(self.root / MANIFEST, json.dumps(self._manifest, indent=1) + "\n")
+            atomic.write_text(self.inside(self.root / MANIFEST), json.dumps(self._manifest, indent=1) + "\n")
 
     def record(self, *paths: Path) -> None:
         """Add files this run wrote to the manifest (rank 0; no-op elsewhere)."""
         if not self.main:
             return
         listed = self._manifest["artifacts"]
-        new = [str(Path(p).resolve().relative_to(self.root.resolve())) for p in paths]
+        new = [str(self.inside(p).resolve().relative_to(self.root.resolve())) for p in paths]
         new = [n for n in new if n not in listed]
         if new:
             listed.extend(new)
@@ -113,8 +133,13 @@ class RunDir:
         """
         if not self.main:
             return
-        self.root.mkdir(parents=True, exist_ok=True)
+        with atomic.reported(self.root):
+            self.root.mkdir(parents=True, exist_ok=True)
+        for name in _LAYOUT:
+            self.inside(self.root / name)
         manifest = self.manifest() or self._adopt_legacy()
+        # Every listed path is checked before the lock is taken and before anything is removed.
+        listed = [self._listed_path(a) for a in (manifest or {}).get("artifacts", [])]
         if manifest is None and any(p.name != ".lock" for p in self.root.iterdir()):
             raise RunDirError(f"run.dir {self.root} is not empty and holds no selmix_dist manifest ({MANIFEST}); "
                               "a run never writes into a directory it did not create: choose a new or empty "
@@ -125,16 +150,14 @@ class RunDir:
             log.info("removed %d temporary file(s) of a killed writer: %s", len(removed),
                      ", ".join(p.name for p in removed))
         if manifest is None or fresh:
-            self._remove_listed(manifest)
+            self._remove(listed)
             self._manifest = {"format": FORMAT, "status": "running", "artifacts": []}
             self._save_manifest()
         elif manifest.get("status") != "running":
             self.mark("running")
 
-    def _remove_listed(self, manifest: dict | None) -> None:
-        if not manifest:
-            return
-        listed = [self.root / a for a in manifest.get("artifacts", [])]
+    def _remove(self, listed: list[Path]) -> None:
+        """Remove the artifacts of an earlier attempt (`listed`: checked by `_listed_path`)."""
         for path in listed:
             if path.is_file():
                 path.unlink()
@@ -144,6 +167,15 @@ class RunDir:
         if listed:
             log.info("fresh start: removed %d artifact(s) of the earlier attempt in %s", len(listed), self.root)
 
+    def _listed_path(self, entry: str) -> Path:
+        """The file a manifest entry names: a relative path without '..' that resolves inside run.dir."""
+        relative = Path(entry)
+        if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+            raise RunDirError(f"{self.root / MANIFEST} lists the artifact {entry!r}, which is not a plain relative "
+                              "path inside the run directory: the manifest was edited; nothing was removed. Fix "
+                              "or delete that entry, or use another run.dir")
+        return self.inside(self.root / relative)
+
     def _adopt_legacy(self) -> dict | None:
         """A run directory written before manifests existed (meta.json + step checkpoints): list its files."""
         if not ((self.root / "meta.json").is_file() and self.checkpoints.is_dir()):
@@ -152,7 +184,8 @@ class RunDir:
         files += sorted(self.tensorboard.glob("events.out.tfevents.*")) if self.tensorboard.is_dir() else []
         root = self.root.resolve()
         self._manifest = {"format": FORMAT, "status": "running",
-                          "artifacts": [str(p.resolve().relative_to(root)) for p in files if p.is_file()]}
+                          "artifacts": [str(self.inside(p).resolve().relative_to(root))
+                                        for p in files if p.is_file()]}
         self._save_manifest()
         log.info("adopted %s, written by an earlier version, as a selmix_dist run", self.root)
         return self._manifest
@@ -162,7 +195,7 @@ class RunDir:
 
     # ------------------------------------------------------------------ small files
     def write_text(self, name: str, text: str) -> Path:
-        path = self.root / name
+        path = self.inside(self.root / name)
         if self.main:
             atomic.write_text(path, text)
             self.record(path)
@@ -173,14 +206,14 @@ class RunDir:
 
     def torch_save(self, obj: Any, path: Path) -> None:
         if self.main:
-            atomic.torch_save(obj, path)
+            atomic.torch_save(obj, self.inside(path))
             self.record(path)
 
     def append_config_changes(self, step: int, changes: dict[str, tuple[Any, Any]]) -> None:
         """Append the result-neutral keys a resume changed, so config.yaml's history is complete."""
         if not (self.main and changes):
             return
-        path = self.root / "config_history.jsonl"
+        path = self.inside(self.root / "config_history.jsonl")
         previous = path.read_text() if path.is_file() else ""
         lines = [json.dumps({"step": step, "key": k, "old": old, "new": new}) for k, (old, new) in changes.items()]
         atomic.write_text(path, previous + "".join(line + "\n" for line in lines))

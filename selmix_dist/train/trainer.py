@@ -1,19 +1,21 @@
-"""The SelMix fine-tuning loop (method doc §4), distributed through accelerate.
+"""The SelMix fine-tuning loop (docs/method.md §5), distributed through accelerate.
 
     refresh (every run.refresh_every steps) → draw pairs from P → mix features → SGD step on the head
-    → log / poll for signals / checkpoint → … → final evaluation and checkpoint
+    → hooks → poll for a stop → checkpoint when due → … → final evaluation and checkpoint
 
-Components, each owning one concern: `RunDir` (paths, manifest, lock), `Checkpointer` (find, verify, save,
-prune), `Evaluator` (sharded passes), `Refresher` (C, pseudo-labels, G, P, sampler), `Monitor` (log,
-TensorBoard, history), `Preemption` (signals, requeue); the start head comes from `heads.start`.
+The trainer owns its components and hands each what it needs; none of them imports it. `RunDir` (paths,
+manifest, lock), `Checkpointer` (find, verify, save when due, prune, best.pt), `Evaluator` (sharded passes),
+`Refresher` (C, pseudo-labels, G, P, sampler), `Stopping` (why the loop ends), `Monitor` (log, TensorBoard,
+history), `Preemption` (signals, requeue); `build` makes the start head, the optimizer and its schedule, and
+`resume` loads a checkpoint into the named stateful parts (`_parts`). The trainer's own state is its step.
 Each rank draws its own pairs with the (seed, rank, step) generator; accelerate synchronises gradients.
 """
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,20 +23,27 @@ import torch
 import torch.nn.functional as F
 
 from selmix_dist import distributed as dist
-from selmix_dist.core import GainConvergence, build_objective, head_tail_masks
+from selmix_dist.config import Config, flatten
+from selmix_dist.core import build_objective, head_tail_masks
 from selmix_dist.core.rng import generator
 from selmix_dist.features.sets import FeatureSet, TrainData
-from selmix_dist.heads.start import read_head
 from selmix_dist.memory import map_large_blocks
-from selmix_dist.train.build import backbone_record, build_head_and_optimizer, check_data, write_run_files
-from selmix_dist.train.checkpointer import Checkpointer, NonFiniteStateError
-from selmix_dist.train.config import Config, flatten
+from selmix_dist.train.build import (
+    RunSchedule,
+    backbone_record,
+    build_optimizer,
+    check_data,
+    start_head,
+    write_run_files,
+)
+from selmix_dist.train.checkpointer import Checkpointer
 from selmix_dist.train.evaluator import Evaluator, Interrupted
 from selmix_dist.train.monitor import Monitor
 from selmix_dist.train.preemption import Preemption
 from selmix_dist.train.refresher import Refresher, RefreshRecord
-from selmix_dist.train.resume import ResumePlan, capture, plan_resume
+from selmix_dist.train.resume import HeadState, OptimizerState, ResumePlan, Stateful, checkpoint_body, plan_resume
 from selmix_dist.train.rundir import RunDir
+from selmix_dist.train.stopping import SIGNAL, Stopping
 
 log = logging.getLogger(__name__)
 
@@ -56,32 +65,37 @@ class Trainer:
         self.k = data.num_classes
         self.preemption = preemption or Preemption(cfg.run.requeue).install()
         self.run_dir = RunDir(cfg.run.dir, main=dist.is_main_process(), lock_stale_seconds=cfg.run.lock_stale_seconds)
-        self.checkpointer = Checkpointer(self.run_dir, cfg.run.keep_checkpoints)
+        self.checkpointer = Checkpointer(self.run_dir, cfg.run.keep_checkpoints, every=cfg.run.checkpoint_every)
         train_counts = data.train_class_counts()
         head_mask, _ = head_tail_masks(train_counts, head_fraction=cfg.data.head_fraction)
         self.class_order = torch.argsort(train_counts, descending=True, stable=True)  # heatmaps: head first
         self.evaluator = Evaluator(self.k, cfg.data.eval_batch_size, self.acc.device, head_mask)
         self.objective = build_objective(cfg.objective.name, self.k, head=head_mask,
                                          head_fraction=cfg.data.head_fraction, **cfg.objective.active())
-        # Also the run's max-gain history (checkpointed), whether or not early stopping is enabled.
-        self.convergence = GainConvergence(window=cfg.run.early_stop_window, rel_tol=cfg.run.early_stop_tol)
+        self.stopping = Stopping(cfg.run, gain_guided=not cfg.selmix.uniform, preemption=self.preemption,
+                                 lr=cfg.optim.lr, device=self.acc.device)
         self.partners = data.partners.hidden() if cfg.selmix.setting == "semi" else data.labeled
         log_prior = torch.log(train_counts.clamp_min(1).to(torch.float64) / train_counts.sum())
-        self.refresher = Refresher(cfg, self.objective, self.evaluator, labeled=data.labeled,
-                                   partners=self.partners, val=data.val, log_prior=log_prior)
-        self.step, self.best = 0, {"metric": -math.inf, "step": -1}
+        self.refresher = Refresher(cfg.selmix, self.objective, self.evaluator, refresh_every=cfg.run.refresh_every,
+                                   labeled=data.labeled, partners=self.partners, val=data.val, log_prior=log_prior,
+                                   lr_sum=lambda start, stop: self.scheduler.lr_sum(start, stop))
         self.backbone = backbone_record(cfg) if cfg.data.features or cfg.model.mode == "online" else None
-        # First step with a non-finite loss, kept on the device and checked at polls (no per-step sync).
-        self._bad_loss_step = torch.tensor(-1, device=self.acc.device)
         self.plan: ResumePlan = plan_resume(cfg, self.run_dir, self.checkpointer, self.identity())
         if not self.plan.complete:
             self.run_dir.open(fresh=self.plan.state is None)
         elif not self.run_dir.is_complete():  # finished, but killed before the manifest said so
             self.run_dir.open(fresh=False)
-            self.run_dir.mark("complete", final_step=int(self.plan.state["step"]))
-        head, optimizer, self.scheduler = build_head_and_optimizer(self, init_head)
-        if self.plan.state is not None:
-            self.plan.apply(self, head, optimizer)
+            self.run_dir.mark("complete", final_step=self.plan.step)
+        resuming = self.plan.state is not None
+        # A resumed head only needs its shape here: its weights are the checkpoint's.
+        head = (torch.nn.Linear(data.labeled.num_features, self.k) if resuming
+                else start_head(cfg, data, self.run_dir, init_head))
+        optimizer = build_optimizer(head, cfg.optim)
+        self.scheduler = RunSchedule(optimizer, cfg.optim, total_steps=cfg.run.steps)
+        self.step = self.plan.step
+        if resuming:
+            self.plan.load(self._parts(head, optimizer))
+            self.plan.announce(self.run_dir, world_size=self.world, batch_size=cfg.optim.batch_size)
         # Load before prepare: DeepSpeed builds its master weights from the module at prepare time.
         dist.set_deepspeed_micro_batch(self.acc, cfg.optim.batch_size)
         self.head, self.optimizer = self.acc.prepare(head, optimizer)
@@ -99,7 +113,8 @@ class Trainer:
                      self.step, self.run_dir / "report.md")
             return self.summary("already_complete")
         cfg = self.cfg
-        write_run_files(self)
+        write_run_files(self.run_dir, cfg, self.data, target_metric=self.objective.target_metric,
+                        world_size=self.world)
         # A finished run logged every record of its last step (validation, test, the best head on test);
         # extended, it keeps them and logs from the next step on. A resumed run redoes its step's records.
         first_new = self.step + 1 if self.plan.extends_finished else self.step
@@ -110,47 +125,43 @@ class Trainer:
             monitor.run_config(flatten(cfg), (self.run_dir / "config.yaml").read_text() if self.run_dir.main else "",
                                [f"{s}/{self.objective.target_metric}" for s in ("val", "test")])
         self.preemption.arm()
-        stopped_by = "completed"
         try:
-            while True:
-                if self.refresher.due(self.step):
-                    try:
-                        record = self.refresher.refresh(self.plain_head(), self.step, self.preemption.requested)
-                    except Interrupted:
-                        stopped_by = "signal"
-                        break
-                    if self._after_refresh(record, monitor):
-                        stopped_by = "early_stop"
-                        break
-                if self.step >= cfg.run.steps:
-                    break
-                if self.data.test is not None and self.step >= first_new and (self.step == 0 or (
-                        cfg.run.test_every and self.step % cfg.run.test_every == 0)):
-                    self._log_eval(monitor, self.data.test, "test")
-                self.train_step(monitor)
-                for hook in self.hooks:
-                    hook(self)
-                if self.step % cfg.run.signal_poll_every == 0:
-                    self._check_finite_loss()
-                    if self.preemption.requested():
-                        stopped_by = "signal"
-                        break
-                if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
-                    self.save_checkpoint()
-            if stopped_by == "signal":
+            stopped_by = self._train(monitor, first_new)
+            if stopped_by == SIGNAL:
                 log.warning("signal received: checkpointing step %d and exiting", self.step)
-                self.save_checkpoint()
+                self.checkpointer.save(self.step, self._checkpoint, force=True)
             else:
                 self._finish(monitor)
         finally:
             monitor.close()
             self.run_dir.close()
-        if stopped_by == "signal":
+        if stopped_by == SIGNAL:
             self.preemption.requeue()
         return self.summary(stopped_by)
 
+    def _train(self, monitor: Monitor, first_new: int) -> str:
+        """Steps until `stopping` (or a signal during a refresh) gives the reason, which is returned."""
+        while True:
+            if self.refresher.due(self.step):
+                try:
+                    record = self.refresher.refresh(self.plain_head(), self.step, self.preemption.requested)
+                except Interrupted:
+                    return SIGNAL
+                if stop := self._after_refresh(record, monitor):
+                    return stop
+            if stop := self.stopping.before_step(self.step):
+                return stop
+            if self._test_due(first_new):
+                self._log_eval(monitor, self.data.test, "test")
+            self.train_step(monitor)
+            for hook in self.hooks:
+                hook(self)
+            if stop := self.stopping.after_step(self.step):
+                return stop
+            self.checkpointer.save(self.step, self._checkpoint)
+
     def summary(self, stopped_by: str) -> dict[str, Any]:
-        return {"step": self.step, "stopped_by": stopped_by, "best": self.best}
+        return {"step": self.step, "stopped_by": stopped_by, "best": self.checkpointer.best}
 
     # ----------------------------------------------------------------- one step
     def train_step(self, monitor: Monitor | None = None) -> torch.Tensor:
@@ -170,8 +181,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss = loss.detach()
-        self._bad_loss_step = torch.where((self._bad_loss_step < 0) & ~torch.isfinite(loss), step,
-                                          self._bad_loss_step)
+        self.stopping.note_loss(step, loss)
         # Logged at the update's own index, before the next checkpoint boundary, so that a resume (which
         # purges events at or after its step) never drops or duplicates a point.
         if monitor is not None and (step + 1) % cfg.log.log_every == 0:
@@ -181,57 +191,82 @@ class Trainer:
         self.step += 1
         return loss
 
-    def _check_finite_loss(self) -> None:
-        bad = int(self._bad_loss_step)
-        if bad >= 0:
-            raise NonFiniteStateError(f"the training loss became non-finite at step {bad} (lr "
-                                      f"{self.cfg.optim.lr:g}); the run stopped without checkpointing it. Lower "
-                                      "optim.lr or check the features; resume=auto restarts from the last "
-                                      "checkpoint")
-
     # ----------------------------------------------------------------- refresh, evaluation, end
-    def _after_refresh(self, record: RefreshRecord, monitor: Monitor) -> bool:
-        """Log the refresh, keep the best head; True when early stopping fires (same decision on all ranks)."""
+    def _after_refresh(self, record: RefreshRecord, monitor: Monitor) -> str | None:
+        """Log the refresh, offer the head as the best one; the stop reason if early stopping fires."""
         metrics, recall = self.evaluator.metrics(record.counts)
         monitor.evaluation(self.step, "val", metrics, recall)
         monitor.refresh(record, self.objective, self.class_order, self.cfg)
-        converged = self.convergence.update(record.result.max_gain)
-        target = metrics[self.objective.target_metric]
-        if target > self.best["metric"]:
-            self.best = {"metric": target, "step": self.step}
-            self.run_dir.torch_save({"step": self.step, "metric": target, "head": self.head_state(),
-                                     "class_names": self.data.class_names, "config": self.cfg.to_dict(),
-                                     "backbone": self.backbone},
-                                    self.run_dir.checkpoints / "best.pt")
-        if self.cfg.run.early_stop and not self.cfg.selmix.uniform:
-            return bool(dist.broadcast_object(converged))
-        return False
+        self.checkpointer.save_if_best(self.step, metrics[self.objective.target_metric], self._best_payload)
+        return self.stopping.after_refresh(record.result.max_gain)
+
+    def _test_due(self, first_new: int) -> bool:
+        """Test at step 0 and every run.test_every steps (0: only at the end), except steps already logged."""
+        every = self.cfg.run.test_every
+        return self.data.test is not None and self.step >= first_new and (
+            self.step == 0 or (every > 0 and self.step % every == 0))
 
     def _log_eval(self, monitor: Monitor, fs: FeatureSet, split: str) -> None:
         monitor.evaluation(self.step, split, *self.evaluator.evaluate(self.plain_head(), fs))
 
     def _finish(self, monitor: Monitor) -> None:
-        self._check_finite_loss()
+        self.stopping.check_finite_loss()
         if self.refresher.step != self.step:
             self._log_eval(monitor, self.data.val, "val")
+        best = self.checkpointer.best
         if self.data.test is not None:
             self._log_eval(monitor, self.data.test, "test")
-            if self.best["step"] not in (-1, self.step):  # the best head on test too (chosen on validation)
-                head = read_head(self.run_dir.checkpoints / "best.pt", self.data.labeled.num_features, self.k)
+            if best["step"] not in (-1, self.step):  # the best head on test too (chosen on validation)
+                head = self.checkpointer.best_head(self.data.labeled.num_features, self.k)
                 metrics, recall = self.evaluator.evaluate(head.to(self.acc.device), self.data.test)
-                monitor.evaluation(self.step, "test_best", metrics, recall, head_step=self.best["step"])
-        self.save_checkpoint(complete=True)
-        self.run_dir.mark("complete", final_step=self.step, best=self.best)
-        monitor.summary(self.step, self.best, self.objective.target_metric, self.run_dir)
+                monitor.evaluation(self.step, "test_best", metrics, recall, head_step=best["step"])
+        if self.cfg.plugin.enabled:
+            self._plug_in(monitor)
+        self.checkpointer.save(self.step, lambda: self._checkpoint(complete=True), force=True)
+        self.run_dir.mark("complete", final_step=self.step, best=best)
+        monitor.summary(self.step, best, self.objective.target_metric, self.run_dir)
+
+    def _plug_in(self, monitor: Monitor) -> None:
+        """plugin.enabled: per-class log-weights tuned on validation for the run's objective on the best head
+        (docs/method.md §6.1), saved as checkpoints/plugin.pt (a head like best.pt's) and plugin.json. Every rank
+        computes the same deterministic weights from the whole validation set; rank 0 writes."""
+        from selmix_dist.heads.plugin import fit_plugin_head
+
+        best = self.checkpointer.best
+        d = self.data.labeled.num_features
+        head = self.checkpointer.best_head(d, self.k) if best["step"] != -1 else self.plain_head()
+        head = copy.deepcopy(head).cpu().float()
+        val = self.data.val
+        plug, result = fit_plugin_head(head, val.take(torch.arange(len(val))), val.labels, self.objective,
+                                       self.evaluator.head_mask, iterations=self.cfg.plugin.iterations,
+                                       polish_sweeps=self.cfg.plugin.polish_sweeps)
+        record = {"head_step": best["step"] if best["step"] != -1 else self.step,
+                  "objective": self.objective.name, "log_weights": result.log_weights.tolist(),
+                  "val": result.metrics, "val_score": list(result.score), "start_val_score": list(result.start_score)}
+        if self.data.test is not None:
+            record["test"] = self.evaluator.evaluate(plug.to(self.acc.device), self.data.test)[0]
+        target = self.objective.target_metric
+        self.run_dir.torch_save({"step": record["head_step"], "metric": result.metrics.get(target),
+                                 **self._best_payload(), "head": HeadState(plug).state_dict(),
+                                 "plugin": record}, self.run_dir.checkpoints / "plugin.pt")
+        monitor.plugin(self.step, record, target)
 
     # ----------------------------------------------------------------- state
-    def head_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in self.plain_head().state_dict().items()}
+    def _parts(self, head: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Stateful]:
+        """The run's stateful parts by checkpoint entry, in load order; the step is the checkpoint's header."""
+        return {"head": HeadState(head),
+                "optimizer": OptimizerState(optimizer, sharded=self.acc.distributed_type.name == "DEEPSPEED"),
+                "objective": self.objective, "convergence": self.stopping.convergence, "scheduler": self.scheduler,
+                "progress": self.checkpointer, "refresh": self.refresher}
 
-    def save_checkpoint(self, complete: bool = False) -> None:
-        path = self.checkpointer.save(capture(self, complete))
-        log.info("checkpoint: step %d → %s", self.step, path)
-        dist.barrier()
+    def _checkpoint(self, complete: bool = False) -> dict[str, Any]:
+        return checkpoint_body(self._parts(self.plain_head(), self.optimizer), step=self.step, complete=complete,
+                               identity=self.identity(), config=self.cfg, world_size=self.world)
+
+    def _best_payload(self) -> dict[str, Any]:
+        """What best.pt holds besides its step and metric: the head and what names it (classes, config, backbone)."""
+        return {"head": HeadState(self.plain_head()).state_dict(), "class_names": self.data.class_names,
+                "config": self.cfg.to_dict(), "backbone": self.backbone}
 
     def close(self) -> None:
         """Tear the process group down cleanly (call once at the end, on every rank).

@@ -11,11 +11,11 @@ from types import ModuleType
 
 import pytest
 
+from selmix_dist.config import load_config
 from selmix_dist.data.sources import ImageFolderSource
 from selmix_dist.data.splits import load_split, make_lt_split
 from selmix_dist.features.backbones import build_backbone
 from selmix_dist.features.cache import extract_features
-from selmix_dist.train.config import load_config
 from selmix_dist.train.entry import train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,3 +76,9 @@ def lite_export(lite_run, tool, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "classifier"
     assert tool("export").main([str(lite_run["run"]), "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def run_overrides() -> list[str]:
+    """The config overrides of `lite_run` (without its run.dir, data.features and data.split_dir)."""
+    return list(RUN_OVERRIDES)

@@ -18,8 +18,8 @@ import timm
 from PIL import Image
 
 from selmix_dist.cli import run_cli
+from selmix_dist.config import Config, all_keys, load_config
 from selmix_dist.core import OBJECTIVES
-from selmix_dist.train.config import Config, all_keys, load_config
 from selmix_dist.train.lock import RunLockedError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -14,12 +14,12 @@ from timm.data import create_transform, resolve_data_config
 
 from selmix_dist import load_classifier
 from selmix_dist.classifier import backbone_of_cache, export_classifier
+from selmix_dist.config import load_config
 from selmix_dist.data.sources import ImageFolderSource
 from selmix_dist.data.splits import load_manifest, make_lt_split
 from selmix_dist.features.backbones import build_backbone, build_backbone_from_spec
 from selmix_dist.features.cache import CacheKey, read_manifest
 from selmix_dist.features.reader import load_features
-from selmix_dist.train.config import load_config
 from selmix_dist.train.entry import train
 
 # Logits of the exported model on images vs the head on the cached features of the same images: the same

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from selmix_dist.core.confusion import confusion_counts
-from selmix_dist.core.gain import gain_matrix, logit_derivative
+from selmix_dist.core.gain import gain_matrix, gemm_floor, logit_derivative
 from selmix_dist.core.objectives import OBJECTIVES, build_objective
 from selmix_dist.core.refresh import RefreshSettings, selmix_refresh
 
@@ -255,3 +255,19 @@ def test_gain_matrix_rejects_bad_options() -> None:
             gain_matrix(**args, **kw)
     with pytest.raises(ValueError, match="include_bias=True needs a bias"):
         gain_matrix(**{**args, "bias": None}, include_bias=True)
+
+
+@pytest.mark.parametrize("k,d", [(12, 20), (12, 12), (12, 5)])
+def test_gemm_floor_counts_the_products_of_a_refresh(k: int, d: int) -> None:
+    """The floor of tools/bench_gain.py: the refresh's matrix products, counted by torch's FLOP counter
+    (2 flops per multiply-add), are gemm_floor's K×K×K and K×d×K products and nothing else."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    z, w, b, _ = _setup(k, d, seed=1)
+    counts = confusion_counts(torch.arange(k).repeat(5), torch.arange(5 * k) % k, k)
+    for variant in ("exact", "official"):
+        with FlopCounterMode(display=False) as counter:
+            selmix_refresh(counts, z * 5, w, b, build_objective("g_mean", k), RefreshSettings(gain_variant=variant))
+        n_kkk, n_kdk = gemm_floor(k, d)
+        assert counter.get_total_flops() == 2 * (n_kkk * k**3 + n_kdk * k * k * d)
+    assert gemm_floor(k, d) == ((4, 2) if k <= d else (3, 3))

@@ -62,12 +62,14 @@ def test_refresh_equals_the_step_by_step_sequence(settings: RefreshSettings) -> 
             out = selmix_refresh(counts, sums, w, b, ours, settings)
             joint = counts.double() / counts.sum()
             prototypes = torch.stack([feats[labels == c].mean(dim=0) for c in range(K)])
-            theirs.update_multipliers(joint)
+            theirs.update_multipliers(joint, variant=settings.gain_variant)
             psi = theirs.gradient(joint, variant=settings.gain_variant)
             gain = gain_matrix(prototypes, w.double(), b.double(), joint, psi, variant=settings.gain_variant,
                                include_bias=settings.include_bias, prior=settings.prior,
                                mixup_mean=(settings.mixup_min + 1) / 2)
-            P = selmix_distribution(gain, temperature=settings.temperature, eps=settings.eps,
+            official_eps = settings.gain_variant == "official" and theirs.release_eps is not None
+            P = selmix_distribution(gain, temperature=settings.temperature,
+                                    eps=theirs.release_eps if official_eps else settings.eps,
                                     positive_only=settings.positive_only, rule=settings.temperature_rule,
                                     target_support=settings.target_support)
             torch.testing.assert_close(out.joint, joint, rtol=1e-15, atol=0)

@@ -25,7 +25,7 @@ def test_cifar_experiment_holds_todays_protocol_and_hyper_parameters():
     selmix = spec.methods["selmix_min_recall"].settings
     cfg = trainer_config(selmix, spec.trainer)
     assert (cfg.run.steps, cfg.optim.lr, cfg.optim.batch_size) == (3000, 3e-3, 64)
-    # the library's temperature rule (README "Defaults that hold"), not a pinned one
+    # the library's temperature rule (docs/defaults.md), not a pinned one
     assert (cfg.selmix.temperature_rule, cfg.selmix.target_support) == ("support", 0.25)
     assert cfg.objective.name == "min_recall" and cfg.objective.active() == {"beta": 0.0, "omega": 50.0}
     assert trainer_config(spec.methods["mixup"].settings, spec.trainer).selmix.uniform is True
@@ -33,7 +33,7 @@ def test_cifar_experiment_holds_todays_protocol_and_hyper_parameters():
     assert (csst.lr, csst.steps, csst.params["update"], csst.params["omega"]) == (1e-4, 3000, "dual", 1.0)
     fixmatch = spec.methods["fixmatch_la"].settings
     assert (fixmatch.start, fixmatch.steps, fixmatch.lr) == ("la", 2000, 3e-3)
-    # every fine-tuned method starts from the FixMatch-LA analogue (README "Defaults that hold": start head)
+    # every fine-tuned method starts from the FixMatch-LA analogue (docs/defaults.md: start head)
     for name, m in spec.methods.items():
         if m.kind in ("trainer", "csst"):
             assert m.settings.start == "fixmatch_la", name

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from selmix_dist.config import load_config
 from selmix_dist.data.sources import ImageFolderSource
 from selmix_dist.data.splits import load_split, make_lt_split
 from selmix_dist.features.backbones import build_backbone
 from selmix_dist.features.load import online_train_data
-from selmix_dist.train.config import load_config
 from selmix_dist.train.trainer import Trainer
 
 OVERRIDES = ["model.mode=online", "model.backbone=test_efficientnet", "model.weights=none", "model.image_size=32",

@@ -20,11 +20,11 @@ import time
 import torch
 
 from selmix_dist import distributed as dist
+from selmix_dist.config import load_config
 from selmix_dist.data.synthetic import class_means, gaussian_features, long_tailed_class_counts
 from selmix_dist.features.reader import open_features
 from selmix_dist.features.sets import FeatureSet, TrainData
 from selmix_dist.report import report_finished_run
-from selmix_dist.train.config import load_config
 from selmix_dist.train.monitor import setup_logging
 from selmix_dist.train.preemption import Preemption
 from selmix_dist.train.trainer import Trainer

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from selmix_dist import atomic
+from selmix_dist.config import load_config, resume_changes
 from selmix_dist.train import checkpointer as ckpt
-from selmix_dist.train.config import load_config, resume_changes
 from selmix_dist.train.rundir import RunDir
 
 
@@ -65,7 +65,7 @@ def test_non_finite_head_is_never_written_and_never_loaded(run_dir, tmp_path):
     bad = _state(5)
     bad["head"]["weight"][0, 0] = float("nan")
     with pytest.raises(ckpt.NonFiniteStateError, match="step 5"):
-        c.save(bad)
+        c.write(bad)
     assert not c.any_present()
     path = tmp_path / "nan.pt"
     torch.save({**bad, "checksum": ckpt.content_checksum(bad)}, path)  # written by something else
@@ -76,9 +76,9 @@ def test_non_finite_head_is_never_written_and_never_loaded(run_dir, tmp_path):
 def test_prune_keeps_the_newest_valid_ones(run_dir):
     c = ckpt.Checkpointer(run_dir, keep=2)
     for step in (1, 2, 3):
-        c.save(_state(step))
+        c.write(_state(step))
     ckpt.step_path(c.dir, 3).write_bytes(b"garbage")  # the newest is unreadable
-    c.save(_state(4))
+    c.write(_state(4))
     # 4 and 2 are the newest valid ones; the unreadable 3 between them stays (never the only fallback)
     assert [s for s, _ in ckpt.list_step_checkpoints(c.dir)] == [4, 3, 2]
     listed = run_dir.manifest()["artifacts"]
@@ -98,7 +98,7 @@ def test_format_1_checkpoints_migrate(tmp_path):
 
 
 def test_resume_rules_name_every_result_changing_key(tmp_path):
-    from selmix_dist.train.config import flatten
+    from selmix_dist.config import flatten
 
     saved = flatten(load_config(None, [f"run.dir={tmp_path}", f"data.features={tmp_path}/feats"]))
     cfg = load_config(None, [f"run.dir={tmp_path}", f"data.features={tmp_path}/sub/../feats",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from selmix_dist.train.config import Config, all_keys, describe, load_config
+from selmix_dist.config import Config, all_keys, describe, load_config
 
 
 def test_every_key_is_documented():
@@ -135,3 +135,18 @@ def test_switching_objective_on_the_command_line_needs_no_clearing(tmp_path):
     assert load_config(grouped).objective.active() == {"omega": 7}
     cfg = load_config(grouped, ["objective.name=mean_recall_min_coverage", "objective.params.tau=0.5"])
     assert cfg.objective.active() == {"alpha": 0.9, "tau": 0.5}
+
+
+def test_the_schedule_sums_its_learning_rates_as_the_cosine_formula_does():
+    import math
+
+    import torch
+
+    from selmix_dist.config import OptimConfig
+    from selmix_dist.train.build import RunSchedule
+
+    head = torch.nn.Linear(3, 2)
+    schedule = RunSchedule(torch.optim.SGD(head.parameters(), lr=0.1), OptimConfig(lr=0.1), total_steps=40)
+    by_hand = sum(0.1 * 0.5 * (1 + math.cos(math.pi * t / 40)) for t in range(10, 20))
+    assert schedule.lr_sum(10, 20) == pytest.approx(by_hand, rel=1e-12)
+    assert schedule.lr_sum(5, 5) == 0.0

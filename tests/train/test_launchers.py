@@ -91,6 +91,9 @@ def test_sigterm_to_the_forked_launcher_checkpoints_and_the_run_resumes_bitwise(
     _, err = launcher.communicate(timeout=120)
     assert launcher.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "stopped by SIGTERM" in err and "signal received" in err and "OMP_NUM_THREADS" not in err
+    # The ranks exited on their own: before the fix they waited in torch elastic's wrapper for the agent, which
+    # had stopped polling them, until it SIGKILLed them 30 s later.
+    assert "forcefully exiting" not in err and "Closing process" not in err, err[-3000:]
     saved = sorted(p.name for p in (run / "checkpoints").glob("step_*.pt"))
     assert len(saved) == 1 and 0 < int(saved[0][len("step_"):-len(".pt")]) < 1000, saved
     ok(train([sys.executable], run, cache, *long, env=env))
@@ -138,3 +141,72 @@ def test_forking_ranks_from_inside_a_rank_or_without_a_master_is_refused(cache, 
     proc = train([sys.executable], tmp_path / "run", cache, "--nnodes", "2", "--master-addr", "node-a")
     assert proc.returncode == 2 and "give --nproc-per-node too" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+SCRIPT = REPO / "tests" / "scripts" / "synthetic_run.py"
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a launcher the test started and its ranks, if a failed test left them running."""
+    import psutil
+
+    try:
+        launcher = psutil.Process(pid)
+        for process in [*launcher.children(recursive=True), launcher]:
+            process.kill()
+    except psutil.NoSuchProcess:
+        pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_to_one_rank_during_set_up_ends_the_run_with_a_named_error(tmp_path, signum):
+    """torchrun, one rank signalled in its set-up (before the process group exists): it exits 128 + the signal,
+    the agent stops the other rank, the run fails at once naming the exit code. Before the fix the signalled
+    rank exited 0 and the other waited for it in the rendezvous (the test's timeout)."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(SCRIPT), str(run), "--setup-sleep", "4", "run.steps=20"], env=ENV, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pid_file = Path(f"{run}.pids") / "rank1"
+    deadline = time.time() + 120
+    while not pid_file.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert pid_file.exists(), proc.communicate(timeout=60)[1][-3000:]
+    time.sleep(0.2)  # the pid is written before the file is closed
+    os.kill(int(pid_file.read_text()), signum)
+    try:
+        _, err = proc.communicate(timeout=90)
+    finally:
+        _kill_tree(proc.pid)
+    assert proc.returncode != 0, err[-3000:]
+    assert f"exitcode  : {128 + signum}" in err and "during set-up" in err, err[-3000:]
+    assert not (run / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_forked_rank_during_set_up_ends_the_run_with_a_named_error(cache, tmp_path):
+    """The forked launcher: a rank signalled as soon as it exists (before or after it installed its handlers)
+    fails, the launcher names it and stops the other; nothing hangs or is killed by force."""
+    import psutil
+
+    launcher = train([sys.executable], tmp_path / "run", cache, "--nproc-per-node", "2", stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE)
+    parent = psutil.Process(launcher.pid)
+
+    def forked_ranks() -> list[psutil.Process]:  # the launcher's other children (a resource tracker) run other code
+        try:
+            return [c for c in parent.children() if c.cmdline() == parent.cmdline()]
+        except psutil.NoSuchProcess:  # one exited between the listing and the look
+            return []
+
+    deadline = time.time() + 120
+    while len(ranks := forked_ranks()) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(max(r.pid for r in ranks), signal.SIGTERM)  # the second rank forked
+    try:
+        _, err = launcher.communicate(timeout=90)
+    finally:
+        _kill_tree(launcher.pid)
+    assert launcher.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "error: rank 1 failed with exit code 143" in err and "forcefully exiting" not in err, err[-3000:]

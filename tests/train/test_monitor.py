@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from selmix_dist.train.config import config_yaml, flatten, load_config
+from selmix_dist.config import config_yaml, flatten, load_config
 from selmix_dist.train.monitor import Monitor
 from selmix_dist.train.rundir import RunDir
 

@@ -8,10 +8,14 @@ arguments. If the template expanded $SLURM_NODEID in the batch shell, both nodes
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
@@ -101,3 +105,62 @@ def test_sbatch_with_forked_ranks_trains_on_two_simulated_nodes(tmp_path):
     heads = [torch.load(tmp_path / name / "checkpoints" / "step_00000040.pt", weights_only=False)["head"]
              for name in ("slurm", "one_node")]
     assert all(torch.equal(heads[0][key], heads[1][key]) for key in heads[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["accelerate", "fork"])
+def test_sigusr1_to_every_process_of_the_step_checkpoints_and_requeues_with_either_launcher(tmp_path, launcher):
+    """What `#SBATCH --signal=USR1@120` does: SIGUSR1 to every process of the job step (the srun task, the
+    launcher, the ranks), not to the batch shell. The template's `trap "" USR1` keeps `accelerate launch` (which
+    SIGUSR1 kills at once, leaving its ranks running without it) and the forked launcher alive; the ranks
+    checkpoint, rank 0 requeues the job, and the step ends with 0. One simulated node of two CPU ranks."""
+    import psutil
+    import torch
+
+    sys.path.insert(0, str(REPO / "tests" / "scripts"))
+    from synthetic_run import write_synthetic_cache
+
+    cache, bin_dir, requeued = tmp_path / "cache", tmp_path / "bin", tmp_path / "requeued"
+    write_synthetic_cache(cache)
+    bin_dir.mkdir()
+    _fake(bin_dir, "scontrol", f'if [ "$1" = requeue ]; then echo "$@" >> {requeued}; else echo 127.0.0.1; fi\n')
+    _fake(bin_dir, "srun", 'SLURM_NODEID=0 bash -c "${@: -1}"\n')
+    _fake(bin_dir, "python", f'exec {sys.executable} "$@"\n')
+    _fake(bin_dir, "accelerate", f'exec {Path(sys.executable).parent / "accelerate"} "$@"\n')
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "run.yaml"
+    config.write_text(f"run: {{steps: 100000, refresh_every: 10, checkpoint_every: 1000000, signal_poll_every: 5}}\n"
+                      f"data: {{features: {cache}, eval_batch_size: 64}}\n"
+                      "model: {mode: features, init_head: la, init_head_steps: 30}\n"
+                      "optim: {batch_size: 32, lr: 0.05}\nlog: {progress: false, tensorboard: false}\n")
+    run = tmp_path / "run"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-a",
+           "SLURM_JOB_ID": "4242", "SLURM_NNODES": "1", "SLURM_GPUS_ON_NODE": "2", "LAUNCHER": launcher,
+           "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    batch = subprocess.Popen(["bash", str(SBATCH), str(config), f"run.dir={run}"], env=env, cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    step: list[psutil.Process] = []
+    try:
+        deadline = time.time() + 180
+        while not (run / "history.jsonl").exists() and batch.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        step = [p for p in psutil.Process(batch.pid).children(recursive=True) if p.name() != "bash"]
+        assert len(step) >= 3, step  # the launcher and two ranks
+        for process in step:  # SLURM signals the step's processes; the batch shell is not one of them
+            process.send_signal(signal.SIGUSR1)
+        _, err = batch.communicate(timeout=120)
+    finally:  # nothing this test started outlives it, whatever failed
+        if batch.poll() is None:
+            batch.kill()
+        for process in step:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+    assert batch.returncode == 0, err[-3000:]
+    assert "signal received" in err and requeued.read_text().split() == ["requeue", "4242"]
+    saved = sorted(p.name for p in (run / "checkpoints").glob("step_*.pt"))
+    assert len(saved) == 1, saved
+    assert set(torch.load(run / "checkpoints" / saved[0], weights_only=False)["head"]) == {"weight", "bias"}

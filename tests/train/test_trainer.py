@@ -143,8 +143,8 @@ def test_data_errors(tmp_path):
     sys.path.insert(0, str(SCRIPT.parent))
     from synthetic_run import synthetic_data
 
+    from selmix_dist.config import load_config
     from selmix_dist.features.sets import FeatureSet
-    from selmix_dist.train.config import load_config
     from selmix_dist.train.trainer import Trainer
 
     cfg = load_config(None, [f"run.dir={tmp_path}", "data.num_classes=7"])
@@ -238,7 +238,7 @@ def test_pseudo_labelling_every_nth_refresh(tmp_path):
     sys.path.insert(0, str(SCRIPT.parent))
     from synthetic_run import synthetic_data
 
-    from selmix_dist.train.config import load_config
+    from selmix_dist.config import load_config
     from selmix_dist.train.trainer import Trainer
 
     labels_at = {}
@@ -310,8 +310,8 @@ def test_auto_start_head_is_fixmatch_la_in_semi_and_la_in_supervised(tmp_path):
     sys.path.insert(0, str(SCRIPT.parent))
     from synthetic_run import synthetic_data
 
+    from selmix_dist.config import load_config
     from selmix_dist.heads.start import fit_start_head
-    from selmix_dist.train.config import load_config
     from selmix_dist.train.trainer import Trainer
 
     data = synthetic_data()

@@ -3,6 +3,9 @@
 Every key carries its documentation (`doc(...)` metadata); `describe()` prints the full reference and a
 test asserts that no key is undocumented. Unknown keys are rejected with the closest valid name, so a
 typo never silently falls back to a default.
+
+It sits at the package root, below features/, experiments/ and train/, which all read it: no data-side module
+imports the trainer's package to learn its settings.
 """
 
 from __future__ import annotations
@@ -28,14 +31,15 @@ def doc(text: str, default: Any = dataclasses.MISSING, default_factory: Any = da
 class RunConfig:
     dir: str = doc("Run directory: resolved config, TensorBoard events, checkpoints, report.", "runs/default")
     seed: int = doc("Seed; every random draw is a pure function of (seed, rank, step).", 0)
-    steps: int = doc("Total SGD steps (the cosine schedule spans them).", 10000)
+    steps: int = doc("Total SGD steps (the cosine schedule spans them). 0: no step; the start head is evaluated "
+                     "and checkpointed as a complete run at step 0 (run.extend_steps continues it).", 10000)
     refresh_every: int = doc("Steps between refreshes of C, prototypes, multipliers, G and P.", 50)
     test_every: int = doc("Steps between test-set evaluations (0: only at start and end).", 500)
     checkpoint_every: int = doc("Steps between checkpoints (0: only at the end and on signals).", 500)
     keep_checkpoints: int = doc("How many step checkpoints to keep (the best one is kept separately).", 2)
     resume: str = doc("'auto' (latest valid checkpoint in run.dir, else start), 'never', or a checkpoint path.",
                       "auto")
-    early_stop: bool = doc("Stop when the max gain is stable (method doc §3.7), decided identically on all ranks.",
+    early_stop: bool = doc("Stop when the max gain is stable (docs/method.md §4.3), decided identically on all ranks.",
                            False)
     early_stop_window: int = doc("Refreshes in the early-stop window.", 10)
     early_stop_tol: float = doc("Relative tolerance of the early-stop test.", 0.05)
@@ -73,7 +77,7 @@ class ModelConfig:
     weights: str = doc("Backbone weights (mode 'online'): 'lite', 'timm', 'none' or a checkpoint path.", "lite")
     image_size: int = doc("Backbone input side in mode 'online' (0: the model's pretrained config).", 0)
     init_head: str = doc("Starting head: 'auto' ('fixmatch_la' in setting 'semi', 'la' in 'supervised', the paper's "
-                         "rule; README 'Defaults that hold' for the validation study), 'la' / 'ce' (fit on labeled "
+                         "rule; docs/defaults.md for the validation study), 'la' / 'ce' (fit on labeled "
                          "features), 'fixmatch_la' (the LA head self-trained on unlabeled features), 'zeros', or a "
                          "path to a saved head.", "auto")
     init_head_steps: int = doc("Optimisation steps used to fit the starting head.", 300)
@@ -85,10 +89,10 @@ class SelMixConfig:
                        "semi")
     temperature: float = doc("T of P = softmax(G / T) (inverse temperature s = 1/T); see temperature_rule.", 0.1)
     temperature_rule: str = doc("'absolute' (P = softmax(G / T), the release), 'relative' (G / (T·max|G|), "
-                                "scale-free; method doc §3.8.5) or 'support' (T solved at every refresh so that P's "
+                                "scale-free; docs/method.md §4.1) or 'support' (T solved at every refresh so that P's "
                                 "effective number of pairs exp(H(P)) is target_support·K). Default 'support': a fixed "
                                 "T collapses P onto one pair when the backbone or image size changes the feature norm "
-                                "(README, 'Defaults that hold').", "support")
+                                "(docs/defaults.md).", "support")
     target_support: float = doc("Rule 'support': effective number of pairs of P as a multiple of K (0.25: chosen "
                                 "on validation of CIFAR-10-LT at 64 and 128 px and Tiny-ImageNet-LT at 128 px).",
                                 0.25)
@@ -143,6 +147,15 @@ class LogConfig:
 
 
 @dataclass
+class PluginConfig:
+    enabled: bool = doc("After training, tune per-class log-weights on validation for the run's objective on the best "
+                        "head (docs/method.md §6.1): checkpoints/plugin.pt (export with --which plugin) and "
+                        "plugin.json.", False)
+    iterations: int = doc("Linearised-ascent iterations of the plug-in weights.", 50)
+    polish_sweeps: int = doc("Coordinate-polish sweeps of the plug-in weights (0: none).", 2)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -151,6 +164,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    plugin: PluginConfig = field(default_factory=PluginConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -332,6 +346,8 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "optim.warmup_steps": (0, math.inf, True),
     "log.log_every": (1, math.inf, True),
     "log.image_every": (1, math.inf, True),
+    "plugin.iterations": (0, math.inf, True),
+    "plugin.polish_sweeps": (0, math.inf, True),
 }
 
 
@@ -376,6 +392,8 @@ RESULT_NEUTRAL = frozenset({
     "run.dir", "run.resume", "run.overwrite", "run.requeue", "run.signal_poll_every", "run.checkpoint_every",
     "run.keep_checkpoints", "run.test_every", "run.extend_steps", "run.lock_stale_seconds",
     "log.tensorboard", "log.log_every", "log.image_every", "log.progress",
+    # the plug-in runs after the last step, on the head training chose: it never changes the training itself
+    "plugin.enabled", "plugin.iterations", "plugin.polish_sweeps",
 })
 _PATH_KEYS = frozenset({"data.features", "data.split_dir"})
 
