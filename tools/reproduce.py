@@ -64,9 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(a.out) if a.out else REPO / "runs" / "experiments" / spec.name
     subset = Subset(*(a.subset or (None, None)), classes=a.subset_classes)
-    result = run_experiment(spec, out=out, cache=Path(a.cache), data_dir=Path(a.data_dir), seeds=a.seeds,
-                            rho_us=a.rho_u, methods=a.methods, subset=subset, recompute=a.recompute,
-                            log=lambda line: print(line, flush=True))
+    try:
+        result = run_experiment(spec, out=out, cache=Path(a.cache), data_dir=Path(a.data_dir), seeds=a.seeds,
+                                rho_us=a.rho_u, methods=a.methods, subset=subset, recompute=a.recompute,
+                                log=lambda line: print(line, flush=True))
+    except KeyboardInterrupt as stop:
+        print(f"interrupted ({stop or 'Ctrl-C'}): the finished results are stored under {out}; the same command "
+              "continues from them", file=sys.stderr)
+        return 130
     print()
     print(results_markdown(result))
     print(f"results: {out / 'results.json'}, {out / 'results.csv'}, {out / 'tables.md'}")

@@ -364,8 +364,10 @@ def selmix_trainer(ctx: MethodContext, s: TrainerSettings) -> nn.Linear:
     cfg = trainer_config(s, ctx.experiment_trainer, ctx.seed, str(ctx.run_dir))
     acc = ctx.session.accelerator
     trainer = Trainer(cfg, ctx.data, accelerator=acc, init_head=ctx.start(s))
-    trainer.run()
+    summary = trainer.run()
     ctx.session.finished(trainer)
+    if summary["stopped_by"] == "signal":   # an interrupted run's head is no result: nothing may be stored
+        raise KeyboardInterrupt(f"signal received during method run {ctx.run_dir} at step {summary['step']}")
     return copy.deepcopy(trainer.plain_head())
 
 

@@ -153,3 +153,20 @@ def test_tool_runs_an_experiment_file_and_prints_its_tables(toy_raw, toy_data_di
     bad = subprocess.run([*cmd[:4], "--set", "split.n2=1"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "error: " in bad.stderr
     assert "unknown key 'split.n2' (did you mean 'split.n1'?)" in bad.stderr
+
+
+def test_a_trainer_method_stopped_by_a_signal_stores_nothing(toy_raw, toy_data_dir, tmp_path, monkeypatch):
+    """A SIGTERM during a SelMix method makes the trainer checkpoint and return early: that head is no result."""
+    from selmix_dist.train.trainer import Trainer
+
+    def stopped(self):
+        return {"step": 3, "stopped_by": "signal", "best": {}}
+
+    monkeypatch.setattr(Trainer, "run", stopped)
+    toy_raw["methods"] = {"erm": toy_raw["methods"]["erm"],
+                          "sm": {"kind": "trainer", "start": "erm", "objective": "min_recall"}}
+    toy_raw["trainer"] = {**toy_raw.get("trainer", {}), "optim.batch_size": 8}
+    with pytest.raises(KeyboardInterrupt, match="signal received"):
+        run(parse_spec(toy_raw, "toy.yaml"), tmp_path, toy_data_dir, seeds=[1], rho_us=[2.0])
+    stored = [p.name for p in (tmp_path / "out" / "store").rglob("*.json")]
+    assert stored and not any(name.startswith("sm-") for name in stored)

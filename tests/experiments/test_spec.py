@@ -21,7 +21,14 @@ def test_cifar_experiment_holds_todays_protocol_and_hyper_parameters():
     spec = load_spec(CIFAR)
     assert (spec.split.n1, spec.split.rho_l, spec.split.m1, spec.split.n_val) == (1500, 100.0, 3000, 500)
     assert spec.features.image_size == 128 and spec.seeds == [0, 1, 2] and spec.rho_u == [100.0, 1.0]
-    assert len(spec.methods) == 14
+    # 14 methods; plug-in rows: 3 objectives on the LA and FixMatch-LA heads, 2 coverage ones with a start chosen
+    # on validation, and 5 SelMix + plug-in rows
+    assert len(spec.methods) == 14 + 6 + 2 + 5
+    plugins = {n: m.settings for n, m in spec.methods.items() if m.kind == "plugin"}
+    assert all(s.objective in n for n, s in plugins.items())
+    assert all(set(plugins[f"selmix_plugin_{o}"].start) == {f"selmix_{p}" for p in
+               ("min_recall", "h_mean", "g_mean", "mean_recall_min_coverage", "h_mean_min_coverage")}
+               for o in ("min_recall", "h_mean", "g_mean"))
     selmix = spec.methods["selmix_min_recall"].settings
     cfg = trainer_config(selmix, spec.trainer)
     assert (cfg.run.steps, cfg.optim.lr, cfg.optim.batch_size) == (3000, 3e-3, 64)
@@ -44,7 +51,10 @@ def test_tiny_experiment_adds_decoupling_and_min_head_tail():
     assert (spec.split.n1, spec.split.rho_l, spec.split.m1, spec.split.n_val) == (300, 100.0, 150, 50)
     cifar = load_spec(CIFAR)
     assert set(cifar.methods) < set(spec.methods)
-    assert set(spec.methods) - set(cifar.methods) == {"crt", "tau_norm", "lws", "selmix_min_head_tail_recall"}
+    extra = {"crt", "tau_norm", "lws", "selmix_min_head_tail_recall", "plugin_la_min_head_tail_recall",
+             "plugin_fixmatch_la_min_head_tail_recall", "selmix_plugin_min_head_tail_recall"}
+    extra |= {f"plugin_tau_norm_{o}" for o in ("min_recall", "min_head_tail_recall", "h_mean", "g_mean")}
+    assert set(spec.methods) - set(cifar.methods) == extra
     assert spec.trainer == cifar.trainer
 
 

@@ -89,3 +89,27 @@ def test_a_start_chosen_per_seed_is_compared_seed_by_seed():
             for r in records()]
     (line,) = comparison_lines(recs, meta, 100.0, num_classes=10)
     assert "+25.0 points over its start (the better on validation of Start / Base, 35.0)" in line
+
+
+def test_lead_lines_compare_the_best_selmix_based_row_with_the_best_other_row():
+    from selmix_dist.experiments.tables import lead_lines, selmix_based
+
+    methods = {
+        "la": {"label": "LA", "kind": "fit_head", "start": None, "compared_on": None},
+        "plugin_la": {"label": "Plug-in on LA", "kind": "plugin", "start": "la", "compared_on": None},
+        "mixup": {"label": "Mixup", "kind": "trainer", "start": "la", "compared_on": None},
+        "selmix": {"label": "SelMix", "kind": "trainer", "start": "la", "compared_on": "min_recall"},
+        "selmix_plugin": {"label": "SelMix + plug-in", "kind": "plugin", "start": ["selmix", "la"],
+                          "compared_on": None},
+    }
+    assert [n for n in methods if selmix_based(methods, n)] == ["selmix", "selmix_plugin"]
+    records = [record("la", s, 1.0, min_recall=0.10) for s in (0, 1)]
+    records += [record("plugin_la", 0, 1.0, min_recall=0.20), record("plugin_la", 1, 1.0, min_recall=0.22)]
+    records += [record("mixup", s, 1.0, min_recall=0.30, h_mean=0.6) for s in (0, 1)]
+    records += [record("selmix", s, 1.0, min_recall=0.25) for s in (0, 1)]
+    records += [record("selmix_plugin", 0, 1.0, min_recall=0.33), record("selmix_plugin", 1, 1.0, min_recall=0.35)]
+    lines = lead_lines(records, methods, 1.0)
+    assert lines[0] == ("- ρ_u=1, min recall: best SelMix-based row SelMix + plug-in 34.0, best other row Mixup "
+                        "30.0: +4.0 points (leads by ≥ 1 point).")
+    # H-mean: mixup 60 against 50 for every SelMix-based row
+    assert any(line.startswith("- ρ_u=1, H-mean:") and "-10.0 points." in line for line in lines)

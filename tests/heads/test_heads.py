@@ -147,8 +147,8 @@ def test_blocked_full_batch_objective_and_gradient_equal_the_one_block_ones(digi
     with torch.no_grad():  # and both are the objective written out
         direct = head_objective(point[0], point[1], x.double(), y, adjustment, 1e-2)
     torch.testing.assert_close(blocked[0], direct, rtol=1e-12, atol=0)
-    torch.testing.assert_close(blocked_head.weight, head.weight, rtol=0, atol=1e-5)  # the same optimum
-    assert not torch.equal(blocked_head.weight, head.weight)  # (reached by another summation order)
+    # the same optimum, up to the summation order (whether that order changes a bit is up to the CPU's kernels)
+    torch.testing.assert_close(blocked_head.weight, head.weight, rtol=0, atol=1e-5)
 
 
 def test_logit_adjusted_head_is_a_shifted_ce_head(imbalanced_digits):

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from selmix_dist.features.sets import FeatureSet
-from selmix_dist.heads.selftrain import self_train_head
 from selmix_dist.heads.start import (
     choose_by_validation,
     fit_start_head,
@@ -28,21 +27,19 @@ def _data():
 
 def test_fitted_start_head_ignores_the_callers_thread_count():
     x, y, u = _data()
-    heads, plain = [], []
+    heads = []
     before = torch.get_num_threads()
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
             heads.append(fit_start_head("fixmatch_la", x, y, 10, unlabeled=u, weight_decay=5e-4, steps=60, seed=0))
-            # the same self-training without the fixed thread count: float32 reductions follow the threads
-            la = fit_start_head("la", x, y, 10, unlabeled=None, weight_decay=5e-4, steps=60, seed=0)
-            plain.append(self_train_head(la, x, y, u, steps=60, seed=0))
     finally:
         torch.set_num_threads(before)
     assert torch.equal(heads[0].weight, heads[1].weight) and torch.equal(heads[0].bias, heads[1].bias)
     assert torch.get_num_threads() == before
-    # why the rule exists: where the thread count differs, so does the self-trained head
-    assert not torch.equal(plain[0].weight, plain[1].weight)
+    # Why the rule exists: float32 reductions follow the thread count, so without it the self-trained heads can
+    # differ (they did on the CPU of earlier rounds; on this machine's kernels 1 and 2 threads agree). Not asserted
+    # here: that is a property of the platform, not of this code.
 
 
 def test_read_head_accepts_state_dicts_and_checkpoints(tmp_path):
