@@ -53,7 +53,13 @@ EXPORT_META = "selmix_export.json"
 EXPORT_FORMAT = "selmix_dist.export/1"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-WHICH = ("best", "last", "plugin")   # plugin: checkpoints/plugin.pt of a run with plugin.enabled
+WHICH = ("best", "last", "plugin")
+# The heads a run keeps under a fixed name in checkpoints/ (which="last" is the newest valid step checkpoint).
+NAMED_HEADS = {
+    "best": ("best.pt", "the run has not recorded a best head yet (use which='last' for its latest step checkpoint)"),
+    "plugin": ("plugin.pt", "the run was not trained with plugin.enabled=true (or has not finished); tools/plugin.py "
+                            "adds a plug-in to an exported classifier"),
+}
 # Probe check of classifier(pre_logits) == head(features): float32 rounding only (the same weights run in
 # another memory layout / summation order), far below any real mismatch (those are O(1) in logits).
 PROBE_RTOL = 1e-4
@@ -89,7 +95,8 @@ def _torch_load(path: Path) -> dict[str, Any]:
 
 
 def read_run_head(run_dir: str | Path, which: str = "best") -> RunHead:
-    """The head of `run_dir/checkpoints/best.pt` (which="best") or of the newest valid step checkpoint ("last").
+    """The head of `run_dir/checkpoints/best.pt` (which="best"), of `plugin.pt` ("plugin", a run trained with
+    plugin.enabled) or of the newest valid step checkpoint ("last").
 
     Class names and the resolved config come from the checkpoint when it carries them ("class_names",
     "config"), else from run_dir/meta.json and run_dir/config.yaml. Errors name the missing or bad file.
@@ -100,17 +107,11 @@ def read_run_head(run_dir: str | Path, which: str = "best") -> RunHead:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
     ckpt_dir = run_dir / "checkpoints"
-    if which == "best":
-        path = ckpt_dir / "best.pt"
+    if which in NAMED_HEADS:
+        name, missing = NAMED_HEADS[which]
+        path = ckpt_dir / name
         if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist: the run has not recorded a best head yet "
-                                    "(use which='last' for its latest step checkpoint)")
-        state = _torch_load(path)
-    elif which == "plugin":
-        path = ckpt_dir / "plugin.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist: the run was not trained with plugin.enabled=true "
-                                    "(or has not finished); tools/plugin.py adds a plug-in to an exported classifier")
+            raise FileNotFoundError(f"{path} does not exist: {missing}")
         state = _torch_load(path)
     else:
         found = latest_valid_checkpoint(ckpt_dir)
@@ -135,7 +136,7 @@ def read_run_head(run_dir: str | Path, which: str = "best") -> RunHead:
                          f"is not [K, d] with K = {len(class_names)} class names")
     bias = head.get("bias")
     bias = torch.zeros(weight.shape[0]) if bias is None else bias
-    metric = state.get("metric") if which in ("best", "plugin") else None
+    metric = state.get("metric") if which in NAMED_HEADS else None
     return RunHead(path, int(state["step"]), weight.float(), bias.float(), [str(n) for n in class_names],
                    config, meta, None if metric is None else float(metric), state.get("plugin"))
 
@@ -366,8 +367,8 @@ def load_classifier(path: str | Path, which: str = "best") -> tuple[nn.Module, C
 
     model: nn.Module in eval mode with frozen parameters, `model(x: float32[B, 3, H, W]) -> logits [B, K]`;
     transform: PIL RGB image -> float32[3, H, W], the eval transform the head's features were computed with;
-    class_names: K names in logit order. `which` ("best" | "last") picks the checkpoint of a run directory; an
-    export holds the one head it was exported with.
+    class_names: K names in logit order. `which` ("best" | "last" | "plugin") picks the checkpoint of a run
+    directory; an export holds the one head it was exported with.
     """
     path = Path(path)
     if (path / EXPORT_META).is_file():

@@ -1,6 +1,6 @@
 """Export a run's SelMix classifier (frozen backbone + trained head) as one timm model folder.
 
-    python tools/export.py runs/demo/selmix_min_recall --out runs/demo/classifier [--which best|last]
+    python tools/export.py runs/demo/selmix_min_recall --out runs/demo/classifier [--which best|last|plugin]
 
 The folder loads offline as `timm.create_model("local-dir:DIR", pretrained=True)` (config.json with
 label_names and the data config, model.safetensors) and carries selmix_export.json (run, step, objective,
@@ -20,7 +20,8 @@ def run(argv: list[str]) -> int:
     p.add_argument("run_dir", help="training run directory (checkpoints/, config.yaml, meta.json)")
     p.add_argument("--out", required=True, help="export folder (new, empty, or an earlier export)")
     p.add_argument("--which", choices=WHICH, default="best",
-                   help="best: checkpoints/best.pt (max validation target metric); last: newest step checkpoint")
+                   help="best: checkpoints/best.pt (max validation target metric); last: newest step checkpoint; "
+                        "plugin: checkpoints/plugin.pt (a run trained with plugin.enabled=true)")
     p.add_argument("--json", action="store_true", help="print selmix_export.json instead of a summary")
     args = p.parse_args(argv)
     meta = export_classifier(args.run_dir, args.out, args.which)

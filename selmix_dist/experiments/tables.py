@@ -92,9 +92,10 @@ def _start_label(methods: dict[str, dict], start: str | list[str]) -> str:
 
 def comparison_lines(records: Sequence[dict], methods: dict[str, dict], rho_u: float, num_classes: int) -> list[str]:
     """One sentence per compared method: its own test metric against its start head and against the best
-    method that is not compared (a baseline), with whether the gap exceeds one std; for a per-class coverage
-    constraint, whether test min coverage met α/K on average. Means over seeds, in points (%)."""
-    baselines = [n for n, m in methods.items() if m["compared_on"] is None and _select(records, n, rho_u)]
+    method that is not compared and not SelMix-based (a baseline), with whether the gap exceeds one std; for a
+    per-class coverage constraint, whether test min coverage met α/K on average. Means over seeds, in points (%)."""
+    baselines = [n for n, m in methods.items()
+                 if m["compared_on"] is None and not selmix_based(methods, n) and _select(records, n, rho_u)]
     lines = []
     for name, meta in methods.items():
         metric = meta["compared_on"]

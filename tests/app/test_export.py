@@ -228,8 +228,8 @@ def test_exported_metrics_include_the_final_test_of_the_best_head(tmp_path):
     history = [rec(0, "val", 0.1), rec(0, "test", 0.2), rec(30, "val", 0.9), rec(60, "val", 0.5),
                rec(60, "test", 0.4), rec(60, "test_best", 0.7, head_step=30)]
     (tmp_path / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-    found = _eval_metrics(tmp_path, SimpleNamespace(step=30, class_names=["a", "b"]))
+    found = _eval_metrics(tmp_path, SimpleNamespace(step=30, class_names=["a", "b"], plugin=None))
     assert found == {"val": {"step": 30, "metrics": {"min_recall": 0.9}},
                      "test": {"step": 30, "metrics": {"min_recall": 0.7}}}
-    last = _eval_metrics(tmp_path, SimpleNamespace(step=60, class_names=["a", "b"]))
+    last = _eval_metrics(tmp_path, SimpleNamespace(step=60, class_names=["a", "b"], plugin=None))
     assert last["test"] == {"step": 60, "metrics": {"min_recall": 0.4}}

@@ -113,3 +113,6 @@ def test_lead_lines_compare_the_best_selmix_based_row_with_the_best_other_row():
                         "30.0: +4.0 points (leads by ≥ 1 point).")
     # H-mean: mixup 60 against 50 for every SelMix-based row
     assert any(line.startswith("- ρ_u=1, H-mean:") and "-10.0 points." in line for line in lines)
+    # SelMix's own sentence compares it with the best baseline, never with a SelMix-based row
+    (selmix_line,) = comparison_lines(records, methods, 1.0, num_classes=10)
+    assert "5.0 points below the best baseline (Mixup, 30.0 ± 0.0)" in selmix_line
