@@ -38,25 +38,11 @@ from .confusion import joint_confusion
 from .metrics import compute_metrics
 from .objectives import Objective
 
-__all__ = ["PluginResult", "constraint_violation", "fit_plugin", "plugin_score"]
+__all__ = ["PluginResult", "fit_plugin", "plugin_score"]
 
 # Rows of the [V, K] score matrix handled at once by the soft direction (bounded float64 memory at K = 8142).
 _BLOCK_ENTRIES = 1 << 24
 _HEAD_METRICS = {"min_head_tail_recall", "head_coverage", "tail_coverage"}
-
-
-def constraint_violation(metrics: dict[str, float], objective: Objective) -> float:
-    """How far the objective's constraint is from holding, ≥ 0 (0: met or unconstrained).
-
-    Per-class coverage: ``coverage_violation`` (max_j of α/K − cov_j, clipped at 0); head/tail coverage: the
-    larger shortfall of the head and tail mean coverages below α/K."""
-    names = getattr(objective, "constraint_metrics", ())
-    if not names:
-        return 0.0
-    if "coverage_violation" in names:
-        return float(metrics["coverage_violation"])
-    target = objective.params["alpha"] / objective.num_classes
-    return max(0.0, *(target - metrics[name] for name in names))
 
 
 def _metrics(counts: torch.Tensor, objective: Objective, head: torch.Tensor | None) -> dict[str, float]:
@@ -90,7 +76,9 @@ def _recall_metric(name: str, diag: torch.Tensor, rows: torch.Tensor, head: torc
 
 
 def _violation(objective: Objective, cols: torch.Tensor, head: torch.Tensor | None) -> float:
-    """constraint_violation from float64 column sums [K]."""
+    """How far the objective's constraint is from holding, ≥ 0 (0: met or unconstrained), from float64 column sums
+    [K]: per-class coverage, max_j (α/K − cov_j) clipped at 0 (compute_metrics' coverage_violation); head/tail
+    coverage, the larger shortfall of the head and tail mean coverages below α/K."""
     names = objective.constraint_metrics
     if not names:
         return 0.0
@@ -102,8 +90,9 @@ def _violation(objective: Objective, cols: torch.Tensor, head: torch.Tensor | No
 
 
 def plugin_score(counts: torch.Tensor, objective: Objective, head: torch.Tensor | None) -> tuple[float, float]:
-    """(−violation, target) of int64 counts [K, K]: compare lexicographically, larger is better. Agrees with
-    compute_metrics and constraint_violation (tested)."""
+    """(−violation, target) of int64 counts [K, K]: compare lexicographically, larger is better. The target is
+    compute_metrics' value of the objective's metric, computed from the diagonal and the row and column sums
+    alone (tested against compute_metrics)."""
     if not objective.target_metric:
         return 0.0, float(objective.psi(joint_confusion(counts)))
     c = counts.to(torch.float64)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from selmix_dist.core import build_objective, compute_metrics, confusion_counts, head_tail_masks
-from selmix_dist.core.plugin import _soft_direction, constraint_violation, fit_plugin, plugin_score
+from selmix_dist.core.plugin import _soft_direction, fit_plugin, plugin_score
 
 OBJECTIVES = ["min_recall", "h_mean", "g_mean", "mean_recall", "min_head_tail_recall", "mean_recall_min_coverage",
               "h_mean_min_coverage", "mean_recall_min_head_tail_coverage"]
@@ -125,13 +125,28 @@ def test_hand_case_min_recall_moves_the_boundary_to_the_tail_class():
     assert 0.5 < gap < 2.0
 
 
-def test_constraint_violation_of_head_tail_coverage():
-    k = 4
-    head = torch.tensor([True, True, False, False])
-    objective = build_objective("mean_recall_min_head_tail_coverage", k, head=head)
-    metrics = {"head_coverage": 0.4, "tail_coverage": 0.1}
-    assert constraint_violation(metrics, objective) == pytest.approx(0.95 / 4 - 0.1)
-    assert constraint_violation({"head_coverage": 0.3, "tail_coverage": 0.3}, objective) == 0.0
+@pytest.mark.parametrize("name", OBJECTIVES)
+def test_the_score_is_compute_metrics_target_and_the_constraints_shortfall(name):
+    k = 6
+    head = torch.tensor([True, True, True, True, False, False])
+    objective = build_objective(name, k, head=head)
+    g = torch.Generator().manual_seed(7)
+    for trial in range(5):
+        counts = torch.randint(0, 9, (k, k), generator=g)
+        counts[trial % k] = 0                              # a class with no sample: left out of recall metrics
+        counts.diagonal().add_(trial)                      # trial 0 has a zero recall: H-mean and G-mean are 0
+        metrics = compute_metrics(counts, head=head, coverage_alpha=0.95)
+        violation, target = plugin_score(counts, objective, head)
+        assert target == pytest.approx(metrics[objective.target_metric], rel=1e-12, abs=1e-15)
+        cov = counts.sum(dim=0).double() / counts.sum()
+        t = 0.95 / k
+        if "coverage_violation" in objective.constraint_metrics:
+            expected = max(0.0, max(t - float(c) for c in cov))
+        elif objective.constraint_metrics:                 # head / tail mean coverage
+            expected = max(0.0, t - float(cov[head].mean()), t - float(cov[~head].mean()))
+        else:
+            expected = 0.0
+        assert -violation == pytest.approx(expected, abs=1e-15)
 
 
 def test_bad_inputs_are_named():
