@@ -189,6 +189,21 @@ def _chunks_present(split_dir: Path, chunks: list[dict[str, Any]]) -> bool:
                for c in chunks)
 
 
+def _is_complete(out_dir: Path, split: str, key: CacheKey, split_sha256: str, n: int, chunk_size: int,
+                 num_features: int) -> bool:
+    """The split is in the cache, complete, under this key and split content, with its chunk files present: a
+    read-only check, so that any number of processes may open a finished cache at once (no writer lock)."""
+    if not (out_dir / MANIFEST).exists():
+        return False
+    header = {"format": FORMAT, "key": asdict(key), "key_digest": key.digest(), "chunk_size": chunk_size,
+              "num_features": num_features}
+    manifest = read_manifest(out_dir)
+    old = manifest.get("splits", {}).get(split)
+    return bool(old and not _key_differences(header, manifest)
+                and not _key_differences({"split_sha256": split_sha256, "num_samples": n}, old)
+                and old.get("complete") and _chunks_present(out_dir / split, old["chunks"]))
+
+
 def _prepare(out_dir: Path, split: str, key: CacheKey, split_sha256: str, n: int, chunk_size: int,
              num_features: int, overwrite: bool, backbone_spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """Rank 0: check the cache against the key, clear it when `overwrite`, record this split as started.
@@ -290,9 +305,13 @@ def extract_features(
     if rank == 0:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
-            lock = _lock_writer(out_dir)
-            decision = _prepare(out_dir, split, key, split_sha256, n, chunk_size, backbone.num_features,
-                                overwrite, backbone.spec())
+            if not overwrite and _is_complete(out_dir, split, key, split_sha256, n, chunk_size,
+                                              backbone.num_features):
+                decision = ("done", None)
+            else:
+                lock = _lock_writer(out_dir)
+                decision = _prepare(out_dir, split, key, split_sha256, n, chunk_size, backbone.num_features,
+                                    overwrite, backbone.spec())
         except (ValueError, FileNotFoundError, OSError) as e:
             decision = ("error", e)
     else:

@@ -51,6 +51,29 @@ def test_a_second_extraction_into_a_cache_being_written_is_refused(tmp_path):
     assert _files(cache) == _files(tmp_path / "clean")  # the refused one wrote nothing
 
 
+def test_a_complete_split_opens_while_another_extraction_writes_the_cache(tmp_path):
+    # Three experiment processes open one finished cache at once (each calls extract_features, a no-op): found
+    # when tools/reproduce.py ran one process per seed. Only writers exclude each other.
+    cache, started, release = tmp_path / "cache", threading.Event(), threading.Event()
+    write_feature_cache(cache, "val", LABELS, _rows, 3, chunk_size=32)
+
+    def slow_rows(positions: torch.Tensor) -> torch.Tensor:
+        started.set()
+        release.wait(60)
+        return _rows(positions)
+
+    first = threading.Thread(target=write_feature_cache, args=(cache, "train", LABELS, slow_rows, 3),
+                             kwargs=dict(chunk_size=32))
+    first.start()
+    assert started.wait(60)
+    try:
+        stats = write_feature_cache(cache, "val", LABELS, _rows, 3, chunk_size=32)
+    finally:
+        release.set()
+        first.join(60)
+    assert stats.noop
+
+
 EXTRACT = """
 import sys, time, torch
 sys.path.insert(0, {tests!r})
