@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -106,14 +106,12 @@ def _fast_score(diag, rows, cols, objective: Objective, head) -> tuple[float, fl
 @dataclass
 class PluginResult:
     """``log_weights`` float64[K] (β = log g, the bias shift), the validation ``score`` (see ``plugin_score``)
-    and ``metrics`` of the plug-in rule, the head's own ``start_score``, and ``history``: the score after
-    every ascent iteration and polish sweep (for logging)."""
+    and ``metrics`` of the plug-in rule, and the head's own ``start_score``."""
 
     log_weights: torch.Tensor
     score: tuple[float, float]
     start_score: tuple[float, float]
     metrics: dict[str, float]
-    history: list[tuple[str, int, float, float]] = field(default_factory=list)
 
     @property
     def feasible(self) -> bool:
@@ -217,7 +215,7 @@ def fit_plugin(logits: torch.Tensor, labels: torch.Tensor, objective: Objective,
     beta = torch.zeros(k, dtype=torch.float64, device=logits.device)
     counts = counts_of(beta)
     best_beta, best = beta.clone(), plugin_score(counts, objective, head)
-    start_score, history = best, []
+    start_score = best
     for t in range(iterations):
         C = joint_confusion(counts)
         objective.update_multipliers(C)
@@ -230,12 +228,11 @@ def fit_plugin(logits: torch.Tensor, labels: torch.Tensor, objective: Objective,
         beta -= beta.mean()                                   # the rule is invariant to a common shift
         preds = (logits + beta).argmax(dim=1)
         counts, score = counts_of_preds(preds), score_of(preds)
-        history.append(("ascent", t, *score))
         if score > best:
             best_beta, best = beta.clone(), score
     beta = best_beta.clone()
     top = _TopTwo(logits, beta) if polish_sweeps and k > 1 else None
-    for sweep in range(polish_sweeps if top is not None else 0):
+    for _ in range(polish_sweeps if top is not None else 0):
         changed = False
         for j in range(k):
             # Only β_j moves: a row predicts j iff s_j + β_j beats its best other class, else that class.
@@ -249,9 +246,8 @@ def fit_plugin(logits: torch.Tensor, labels: torch.Tensor, objective: Objective,
                     beta = beta.clone()
                     beta[j] = candidate
             top.moved(j, beta)
-        history.append(("polish", sweep, *best))
         if not changed:
             break
     best_beta = beta - beta.mean()
     metrics = _metrics(counts_of(best_beta), objective, head)
-    return PluginResult(best_beta, best, start_score, metrics, history)
+    return PluginResult(best_beta, best, start_score, metrics)

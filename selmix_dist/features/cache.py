@@ -236,7 +236,7 @@ def _prepare(out_dir: Path, split: str, key: CacheKey, split_sha256: str, n: int
                 manifest["splits"].pop(name, None)
             if diffs:
                 manifest = None
-        elif old and old.get("complete") and _chunks_present(out_dir / split, old["chunks"]):
+        elif _is_complete(out_dir, split, key, split_sha256, n, chunk_size, num_features):
             return "done", manifest
     manifest = manifest or {**header, "splits": {}}
     manifest["backbone"] = backbone_spec

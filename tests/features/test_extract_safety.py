@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,25 +30,34 @@ def _files(cache: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != ".writer.lock"}
 
 
-def test_a_second_extraction_into_a_cache_being_written_is_refused(tmp_path):
-    cache, started, release = tmp_path / "cache", threading.Event(), threading.Event()
+@contextlib.contextmanager
+def writing(cache: Path, split: str = "train") -> Iterator[None]:
+    """Inside: another thread is extracting `split` into `cache`, holding its writer lock, paused in its first
+    chunk; on exit it finishes."""
+    started, release = threading.Event(), threading.Event()
 
     def slow_rows(positions: torch.Tensor) -> torch.Tensor:
         started.set()
         release.wait(60)
         return _rows(positions)
 
-    first = threading.Thread(target=write_feature_cache, args=(cache, "train", LABELS, slow_rows, 3),
+    first = threading.Thread(target=write_feature_cache, args=(cache, split, LABELS, slow_rows, 3),
                              kwargs=dict(chunk_size=32))
     first.start()
     assert started.wait(60)
     try:
-        refused = rf"{cache} is being written by another extraction \(it holds {cache}/\.writer\.lock"
-        with pytest.raises(ValueError, match=refused):
-            write_feature_cache(cache, "val", LABELS, _rows, 3, chunk_size=32)
+        yield
     finally:
         release.set()
         first.join(60)
+
+
+def test_a_second_extraction_into_a_cache_being_written_is_refused(tmp_path):
+    cache = tmp_path / "cache"
+    with writing(cache):
+        refused = rf"{cache} is being written by another extraction \(it holds {cache}/\.writer\.lock"
+        with pytest.raises(ValueError, match=refused):
+            write_feature_cache(cache, "val", LABELS, _rows, 3, chunk_size=32)
     write_feature_cache(tmp_path / "clean", "train", LABELS, _rows, 3, chunk_size=32)
     assert _files(cache) == _files(tmp_path / "clean")  # the refused one wrote nothing
 
@@ -54,23 +65,10 @@ def test_a_second_extraction_into_a_cache_being_written_is_refused(tmp_path):
 def test_a_complete_split_opens_while_another_extraction_writes_the_cache(tmp_path):
     # Three experiment processes open one finished cache at once (each calls extract_features, a no-op): found
     # when tools/reproduce.py ran one process per seed. Only writers exclude each other.
-    cache, started, release = tmp_path / "cache", threading.Event(), threading.Event()
+    cache = tmp_path / "cache"
     write_feature_cache(cache, "val", LABELS, _rows, 3, chunk_size=32)
-
-    def slow_rows(positions: torch.Tensor) -> torch.Tensor:
-        started.set()
-        release.wait(60)
-        return _rows(positions)
-
-    first = threading.Thread(target=write_feature_cache, args=(cache, "train", LABELS, slow_rows, 3),
-                             kwargs=dict(chunk_size=32))
-    first.start()
-    assert started.wait(60)
-    try:
+    with writing(cache):
         stats = write_feature_cache(cache, "val", LABELS, _rows, 3, chunk_size=32)
-    finally:
-        release.set()
-        first.join(60)
     assert stats.noop
 
 
