@@ -13,16 +13,30 @@ import pytest
 # A rank in set-up: handlers installed, then the main thread waits for a key no peer will ever set (a process
 # group's rendezvous with a rank that died). A Python-level handler alone runs only when the wait times out.
 WAITING_RANK = textwrap.dedent("""
-    import datetime, os, signal, sys, threading
+    import datetime, os, signal, sys, threading, time
     import torch.distributed as td
     from selmix_dist.train.preemption import Preemption
 
     preemption = Preemption(requeue=False).install()
     store = td.TCPStore("127.0.0.1", 0, 1, True, timeout=datetime.timedelta(seconds={timeout}))
-    print("waiting", flush=True)
     {before_wait}
+    print("waiting", flush=True)
+    WAIT_LINE = sys._getframe().f_lineno + 1
     store.get("the peer's key")
     print("the wait returned", flush=True)
+""")
+
+# Sends the signal from inside the rank once its main thread is in the wait (on WAIT_LINE, then half a second
+# more): sent from outside, it could arrive just before the wait, where the Python handler runs at once (seen
+# in CI), and the test would not show what happens in the wait.
+SIGNAL_IN_THE_WAIT = textwrap.dedent("""
+    def signal_in_the_wait(main=threading.main_thread().ident):
+        while sys._current_frames()[main].f_lineno != globals().get("WAIT_LINE"):
+            time.sleep(0.01)
+        time.sleep(0.5)
+        print("sent", time.monotonic(), flush=True)
+        os.kill(os.getpid(), {signum})
+    threading.Thread(target=signal_in_the_wait, daemon=True).start()
 """)
 
 
@@ -38,14 +52,14 @@ def _start(before_wait: str = "", timeout: int = 120, world_size: str = "2") -> 
 def test_a_signal_to_a_rank_blocked_in_set_up_ends_it_within_the_grace_period(signum):
     from selmix_dist.train.preemption import SET_UP_GRACE_S
 
-    proc = _start()
-    sent = time.monotonic()
-    proc.send_signal(signum)
+    proc = _start(SIGNAL_IN_THE_WAIT.format(signum=int(signum)))
+    sent_line = proc.stdout.readline()
+    assert sent_line.startswith("sent "), proc.communicate(timeout=60)
     _, err = proc.communicate(timeout=60)
-    took = time.monotonic() - sent
+    took = time.monotonic() - float(sent_line.split()[1])  # CLOCK_MONOTONIC: one clock for both processes
     assert proc.returncode == 128 + signum, err
     assert f"{signal.Signals(signum).name} received during set-up" in err  # flushed before os._exit
-    # The store's timeout is 120 s: ending before it means the watcher ended the process, not the wait.
+    # The store's timeout is 120 s: ending before it, after the grace period, means the watcher ended it.
     assert SET_UP_GRACE_S - 0.5 < took < 60, took
 
 
