@@ -25,7 +25,10 @@ import yaml
 
 from selmix_dist.core import head_tail_masks
 from selmix_dist.experiments.data import Subset, load_experiment_features, lt_train_data
-from selmix_dist.experiments.spec import load_spec
+from selmix_dist.experiments.methods import start_names
+from selmix_dist.experiments.runner import uses_unlabeled
+from selmix_dist.experiments.spec import ExperimentSpec, load_spec
+from selmix_dist.experiments.store import ResultStore
 from selmix_dist.heads.evaluate import predict
 from selmix_dist.report import forecast_summary, load_forecast
 
@@ -63,13 +66,36 @@ def run_diagnostics(run_dir: Path, labeled_counts: torch.Tensor, mask: torch.Ten
     return out
 
 
+def selmix_start(spec: ExperimentSpec) -> str:
+    """The start head of the experiment's SelMix runs (the first SelMix method's, by name)."""
+    for name, method in spec.methods.items():
+        if name.startswith("selmix_") and method.kind == "trainer" and start_names(method.settings):
+            return start_names(method.settings)[0]
+    raise ValueError(f"{spec.path}: no SelMix method (kind trainer, named selmix_*) with a start head; give --start")
+
+
+def start_head(spec: ExperimentSpec, out: Path, start: str, seed: int, rho_u: float) -> torch.nn.Linear:
+    """The head of method ``start`` that this --out's results.json reports for (seed, ρ_u): the store holds one
+    file per configuration it ever ran, and the digest in results.json names the current one."""
+    if start not in spec.methods:
+        raise ValueError(f"--start {start!r}: not a method of {spec.path}")
+    results = out / "results.json"
+    records = json.loads(results.read_text(encoding="utf-8"))["records"] if results.is_file() else []
+    digests = {r["digest"] for r in records if r["method"] == start and r["seed"] == seed and r["rho_u"] == rho_u}
+    if len(digests) != 1:
+        raise ValueError(f"{results}: no result of {start} for seed {seed}, ρ_u {rho_u:g} "
+                         f"({len(digests)} found); run tools/reproduce.py with this --out first")
+    return ResultStore(out / "store").head(start, seed, rho_u if uses_unlabeled(spec, start) else None,
+                                           digests.pop())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--experiment", required=True)
     p.add_argument("--out", required=True, help="the results directory of tools/reproduce.py")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rho-u", type=float, default=100.0)
-    p.add_argument("--start", default="fixmatch_la", help="the method whose head labels the partners")
+    p.add_argument("--start", help="the method whose head labels the partners (default: the SelMix methods' start)")
     p.add_argument("--cache", default=os.environ.get("SELMIX_CACHE_DIR", str(REPO / ".cache")))
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     p.add_argument("--json", action="store_true")
@@ -80,25 +106,20 @@ def main(argv: list[str] | None = None) -> int:
     counts = torch.bincount(data.labeled.labels, minlength=data.num_classes)
     mask, _ = head_tail_masks(counts, head_fraction=0.9)
     where = Path(a.out) / "runs" / f"seed{a.seed}" / f"rho_u{a.rho_u:g}"
-    stored = sorted((Path(a.out) / "store" / f"seed{a.seed}" / f"rho_u{a.rho_u:g}").glob(f"{a.start}-*.pt"))
-    result = {"seed": a.seed, "rho_u": a.rho_u, "methods": {}}
-    if stored:
-        state = torch.load(stored[-1], map_location="cpu", weights_only=True)
-        head = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
-        head.load_state_dict(state)
-        unlabeled = features.train.features[rows["unlabeled"]].float()
-        result["pseudo_labels"] = pseudo_label_precision(head, unlabeled, features.train.labels[rows["unlabeled"]],
-                                                         mask)
+    a.start = a.start or selmix_start(spec)
+    head = start_head(spec, Path(a.out), a.start, a.seed, a.rho_u)
+    result = {"seed": a.seed, "rho_u": a.rho_u, "start": a.start, "methods": {}}
+    unlabeled = features.train.features[rows["unlabeled"]].float()
+    result["pseudo_labels"] = pseudo_label_precision(head, unlabeled, features.train.labels[rows["unlabeled"]], mask)
     for run_dir in sorted(d for d in where.glob("selmix_*") if (d / "forecast.jsonl").is_file()):
         result["methods"][run_dir.name] = run_diagnostics(run_dir, counts, mask)
     if a.json:
         print(json.dumps(result, indent=1))
         return 0
-    if "pseudo_labels" in result:
-        q = result["pseudo_labels"]
-        print(f"pseudo-labels of {a.start} on the unlabeled split: accuracy {q['accuracy']:.3f}, precision head "
-              f"{q['head_precision']:.3f} / tail {q['tail_precision']:.3f}, tail classes get "
-              f"{100 * q['tail_labelled_share']:.1f} % of the labels")
+    q = result["pseudo_labels"]
+    print(f"pseudo-labels of {a.start} on the unlabeled split: accuracy {q['accuracy']:.3f}, precision head "
+          f"{q['head_precision']:.3f} / tail {q['tail_precision']:.3f}, tail classes get "
+          f"{100 * q['tail_labelled_share']:.1f} % of the labels")
     print("| method | intervals | Σ predicted Δψ | Σ realised Δψ | same sign | corr | P tail label mass | "
           "tail share of labeled | draws per tail sample | draws per head sample |")
     print("|---|---|---|---|---|---|---|---|---|---|")
