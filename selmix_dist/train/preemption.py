@@ -96,7 +96,7 @@ class _SetUpWatcher:
     Python's C-level handler writes each signal's number to the wakeup fd as it arrives, whatever the main
     thread is doing; the Python-level handler waits until the main thread is back in the interpreter, which
     in set-up may be never (a rendezvous or store wait for a rank that died; seen in CI: a rank SIGTERMed
-    by the agent was SIGKILLed 30 s later). `end(signum, os._exit)` then ends the process from here.
+    by the agent was SIGKILLed 30 s later). `end(signum, _exit_now)` then ends the process from here.
     """
 
     def __init__(self, end):
