@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from selmix_dist.cli import run_cli
 from selmix_dist.core import head_tail_masks
 from selmix_dist.experiments.data import Subset, load_experiment_features, lt_train_data
 from selmix_dist.experiments.methods import start_names
@@ -89,7 +90,7 @@ def start_head(spec: ExperimentSpec, out: Path, start: str, seed: int, rho_u: fl
                                            digests.pop())
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--experiment", required=True)
     p.add_argument("--out", required=True, help="the results directory of tools/reproduce.py")
@@ -101,13 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     spec = load_spec(a.experiment, [])
+    a.start = a.start or selmix_start(spec)
+    head = start_head(spec, Path(a.out), a.start, a.seed, a.rho_u)  # before the features: a missing run fails fast
     features = load_experiment_features(spec, Path(a.cache), Path(a.data_dir), Subset(), log=lambda _: None)
     data, rows = lt_train_data(features, spec.split, a.rho_u, a.seed)
     counts = torch.bincount(data.labeled.labels, minlength=data.num_classes)
     mask, _ = head_tail_masks(counts, head_fraction=0.9)
     where = Path(a.out) / "runs" / f"seed{a.seed}" / f"rho_u{a.rho_u:g}"
-    a.start = a.start or selmix_start(spec)
-    head = start_head(spec, Path(a.out), a.start, a.seed, a.rho_u)
     result = {"seed": a.seed, "rho_u": a.rho_u, "start": a.start, "methods": {}}
     unlabeled = features.train.features[rows["unlabeled"]].float()
     result["pseudo_labels"] = pseudo_label_precision(head, unlabeled, features.train.labels[rows["unlabeled"]], mask)
@@ -130,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
               f" | {100 * f.get('same_sign', 0):.0f} % | {corr} | {r['tail_label_mass']:.3f} | "
               f"{r['tail_labeled_share']:.3f} | {r['tail_draws_per_sample']:.0f} | {r['head_draws_per_sample']:.0f} |")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, argv)
 
 
 if __name__ == "__main__":

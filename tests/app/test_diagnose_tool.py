@@ -47,3 +47,12 @@ def test_the_start_head_is_the_configuration_results_json_names(tool, tmp_path):
         diagnose.start_head(spec, tmp_path, "tau_norm", 0, 1.0)
     with pytest.raises(ValueError, match="--start 'tau_nrom': not a method"):
         diagnose.start_head(spec, tmp_path, "tau_nrom", 0, 100.0)
+
+
+def test_a_missing_result_is_one_error_line(tool, tmp_path, capsys):
+    diagnose = tool("diagnose_selmix")
+    code = diagnose.main(["--experiment", str(REPO / "configs/experiments/cifar10_lt.yaml"), "--out", str(tmp_path),
+                          "--cache", str(tmp_path / "no-cache"), "--data-dir", str(tmp_path / "no-data")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert err.startswith(f"error: {tmp_path / 'results.json'}: no result of fixmatch_la for seed 0, ρ_u 100"), err
