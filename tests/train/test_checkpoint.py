@@ -8,7 +8,6 @@ import torch
 from selmix_dist import atomic
 from selmix_dist.config import load_config, resume_changes
 from selmix_dist.train import checkpointer as ckpt
-from selmix_dist.train.rundir import RunDir
 
 
 def _state(step: int, value: float | None = None) -> dict:
@@ -17,14 +16,6 @@ def _state(step: int, value: float | None = None) -> dict:
              "head": {"weight": torch.full((2, 3), float(step if value is None else value))},
              "optimizer": {}, "scheduler": {}, "objective": {}, "refresh": None, "progress": {}}
     return {**state, "checksum": ckpt.content_checksum(state)}
-
-
-@pytest.fixture
-def run_dir(tmp_path) -> RunDir:
-    rd = RunDir(tmp_path / "run")
-    rd.open(fresh=True)
-    yield rd
-    rd.close()
 
 
 def test_latest_valid_skips_corrupt_and_keeps_it(run_dir, caplog):

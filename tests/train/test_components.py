@@ -12,7 +12,6 @@ from selmix_dist.config import Config, OptimConfig, RunConfig
 from selmix_dist.train.build import RunSchedule
 from selmix_dist.train.checkpointer import Checkpointer, NonFiniteStateError, list_step_checkpoints
 from selmix_dist.train.resume import HeadState, OptimizerState, ResumePlan, checkpoint_body
-from selmix_dist.train.rundir import RunDir
 from selmix_dist.train.stopping import COMPLETED, EARLY_STOP, SIGNAL, Stopping
 
 
@@ -44,14 +43,6 @@ def test_a_loaded_schedule_keeps_the_total_it_was_built_with():
     _, again = _schedule(20)
     again.load_state_dict({**state, "lr_lambdas": [{"total": 10, "warmup": 0, "constant": False}]})
     assert again.lr_lambdas[0].total == 20
-
-
-@pytest.fixture
-def run_dir(tmp_path) -> RunDir:
-    rd = RunDir(tmp_path / "run")
-    rd.open(fresh=True)
-    yield rd
-    rd.close()
 
 
 def _body(step: int) -> dict:

@@ -27,6 +27,13 @@ def _fake(bin_dir: Path, name: str, body: str) -> None:
     path.chmod(0o755)
 
 
+def _free_port() -> int:
+    """A TCP port free on this host now, for the fake allocation's master."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_sbatch_gives_each_node_its_own_machine_rank(tmp_path):
     bin_dir, log = tmp_path / "bin", tmp_path / "launch.log"
     bin_dir.mkdir()
@@ -82,9 +89,7 @@ def test_sbatch_with_forked_ranks_trains_on_two_simulated_nodes(tmp_path):
     _fake(bin_dir, "scontrol", 'printf "127.0.0.1\\nnode-b\\n"\n')
     _fake(bin_dir, "srun", 'for n in 0 1; do SLURM_NODEID=$n bash -c "${@: -1}" & done; wait -n && wait -n\n')
     _fake(bin_dir, "python", f'exec {sys.executable} "$@"\n')  # the environment's interpreter
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
     config = tmp_path / "run.yaml"
     config.write_text(f"run: {{steps: 40, refresh_every: 10, checkpoint_every: 20}}\n"
                       f"data: {{features: {cache}, eval_batch_size: 64}}\n"
@@ -127,9 +132,7 @@ def test_sigusr1_to_every_process_of_the_step_checkpoints_and_requeues_with_eith
     _fake(bin_dir, "srun", 'SLURM_NODEID=0 bash -c "${@: -1}"\n')
     _fake(bin_dir, "python", f'exec {sys.executable} "$@"\n')
     _fake(bin_dir, "accelerate", f'exec {Path(sys.executable).parent / "accelerate"} "$@"\n')
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
     config = tmp_path / "run.yaml"
     config.write_text(f"run: {{steps: 100000, refresh_every: 10, checkpoint_every: 1000000, signal_poll_every: 5}}\n"
                       f"data: {{features: {cache}, eval_batch_size: 64}}\n"
@@ -144,7 +147,11 @@ def test_sigusr1_to_every_process_of_the_step_checkpoints_and_requeues_with_eith
     step: list[psutil.Process] = []
     try:
         deadline = time.time() + 180
-        while not (run / "history.jsonl").exists() and batch.poll() is None and time.time() < deadline:
+        # The step-0 record: both ranks are in the loop (its evaluation is a collective). The file alone exists
+        # before rank 0 arms its handler, and a signal then ends the rank as one in set-up (exit 138, seen once).
+        history = run / "history.jsonl"
+        while not (history.is_file() and history.read_text().strip()) and batch.poll() is None \
+                and time.time() < deadline:
             time.sleep(0.1)
         step = [p for p in psutil.Process(batch.pid).children(recursive=True) if p.name() != "bash"]
         assert len(step) >= 3, step  # the launcher and two ranks
