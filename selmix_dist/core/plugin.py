@@ -41,7 +41,7 @@ from .confusion import joint_confusion
 from .metrics import compute_metrics
 from .objectives import Objective
 
-__all__ = ["PluginResult", "fit_plugin", "plugin_score"]
+__all__ = ["PluginResult", "constraint_violation", "fit_plugin", "plugin_score"]
 
 # Rows of the [V, K] score matrix handled at once by the soft direction (bounded float64 memory at K = 8142).
 _BLOCK_ENTRIES = 1 << 24
@@ -94,6 +94,14 @@ def _violation(objective: Objective, cols: torch.Tensor, head: torch.Tensor | No
     if "coverage_violation" in names:
         return float((target - cov).clamp_min(0).sum())
     return max(0.0, *(target - _mean(cov[g]) for g in (head, ~head)))
+
+
+def constraint_violation(counts: torch.Tensor, objective: Objective, head: torch.Tensor | None) -> float:
+    """How far int64 counts [K, K] are from meeting the objective's constraint, ≥ 0 (0: met, or none): the
+    first key of ``plugin_score``, and what ranks a training run's best.pt before its metric does."""
+    if not objective.constraint_metrics:
+        return 0.0
+    return _violation(objective, counts.to(torch.float64).sum(dim=0), head)
 
 
 def plugin_score(counts: torch.Tensor, objective: Objective, head: torch.Tensor | None) -> tuple[float, float]:

@@ -124,14 +124,15 @@ def check_identity(path: Path, saved: dict[str, Any], current: dict[str, Any]) -
 class Checkpointer:
     """The checkpoints of one run: a step checkpoint every `every` steps (0: only when forced), found and
     verified at resume (`latest()`), pruned to the newest `keep` valid ones; and best.pt, the head with the
-    best validation metric (`save_if_best`), whose record {metric, step} is this part's own checkpointed state.
+    best validation metric (`save_if_best`), whose record {metric, step, violation} is this part's own
+    checkpointed state.
     """
 
     def __init__(self, run_dir: RunDir, keep: int, every: int = 0):
         self.run_dir = run_dir
         self.dir = run_dir.checkpoints
         self.keep, self.every = keep, every
-        self.best: dict[str, Any] = {"metric": -math.inf, "step": -1}
+        self.best: dict[str, Any] = {"metric": -math.inf, "step": -1, "violation": math.inf}
         self._verified: set[tuple[str, int, int]] = set()  # (name, size, mtime_ns) known to load
 
     @property
@@ -157,12 +158,17 @@ class Checkpointer:
         dist.barrier()
         return path
 
-    def save_if_best(self, step: int, metric: float, payload: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """Record the validation `metric` of the head at `step`; a new best (strictly greater: ties keep the
-        earlier step) writes best.pt, {step, metric, **payload()}, on rank 0. Returns the best so far."""
-        if metric > self.best["metric"]:
-            self.best = {"metric": metric, "step": step}
-            self.run_dir.torch_save({"step": step, "metric": metric, **payload()}, self.best_path)
+    def save_if_best(self, step: int, metric: float, payload: Callable[[], dict[str, Any]], *,
+                     violation: float = 0.0) -> dict[str, Any]:
+        """Record the validation `metric` and constraint `violation` (≥ 0; 0: met, or no constraint) of the head
+        at `step`. Heads compare by the smaller violation first, then the larger metric, the plug-in's order
+        (core.plugin.constraint_violation): a head that comes closer to the constraint beats one that only scores
+        higher. A new best (strictly better: ties keep the earlier step) writes best.pt,
+        {step, metric, violation, **payload()}, on rank 0. Returns the best so far."""
+        if (-violation, metric) > (-self.best["violation"], self.best["metric"]):
+            self.best = {"metric": metric, "step": step, "violation": violation}
+            self.run_dir.torch_save({"step": step, "metric": metric, "violation": violation, **payload()},
+                                    self.best_path)
         return self.best
 
     def best_head(self, num_features: int, num_classes: int) -> torch.nn.Linear:
@@ -173,7 +179,8 @@ class Checkpointer:
         return {"best": dict(self.best)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best = dict(state["best"])
+        # Checkpoints from before constraints ranked best.pt carry no violation: their best counted as feasible.
+        self.best = {"violation": 0.0, **state["best"]}
 
     def write(self, state: dict[str, Any]) -> Path:
         """Write `state` (rank 0) as step_<step>.pt with its checksum, then prune. Refuses a non-finite head."""

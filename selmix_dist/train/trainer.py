@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from selmix_dist import distributed as dist
 from selmix_dist.config import Config, flatten
 from selmix_dist.core import build_objective, head_tail_masks
+from selmix_dist.core.plugin import constraint_violation
 from selmix_dist.core.rng import generator
 from selmix_dist.features.sets import FeatureSet, TrainData
 from selmix_dist.memory import map_large_blocks
@@ -197,7 +198,9 @@ class Trainer:
         metrics, recall = self.evaluator.metrics(record.counts)
         monitor.evaluation(self.step, "val", metrics, recall)
         monitor.refresh(record, self.objective, self.class_order, self.cfg)
-        self.checkpointer.save_if_best(self.step, metrics[self.objective.target_metric], self._best_payload)
+        violation = constraint_violation(record.counts, self.objective, self.evaluator.head_mask)
+        self.checkpointer.save_if_best(self.step, metrics[self.objective.target_metric], self._best_payload,
+                                       violation=violation)
         return self.stopping.after_refresh(record.result.max_gain)
 
     def _test_due(self, first_new: int) -> bool:

@@ -78,13 +78,27 @@ def test_best_head_is_kept_by_the_checkpointer_and_ties_keep_the_earlier_step(ru
 
     for step, metric in ((0, 0.2), (10, 0.5), (20, 0.5), (30, 0.3)):
         best = c.save_if_best(step, metric, lambda s=step: payload(s))
-    assert best == {"metric": 0.5, "step": 10} and calls == [0, 10]
+    assert best == {"metric": 0.5, "step": 10, "violation": 0.0} and calls == [0, 10]
     saved = torch.load(c.best_path, weights_only=True)
-    assert (saved["step"], saved["metric"]) == (10, 0.5)
+    assert (saved["step"], saved["metric"], saved["violation"]) == (10, 0.5, 0.0)
     assert torch.equal(c.best_head(3, 2).weight, heads[10].weight.detach())
     resumed = Checkpointer(run_dir, keep=2)
     resumed.load_state_dict(c.state_dict())
-    assert resumed.save_if_best(40, 0.4, lambda: payload(40)) == {"metric": 0.5, "step": 10} and calls == [0, 10]
+    assert resumed.save_if_best(40, 0.4, lambda: payload(40))["step"] == 10 and calls == [0, 10]
+
+
+def test_best_head_of_a_constrained_objective_is_the_least_violating_then_the_highest_metric(run_dir):
+    c = Checkpointer(run_dir, keep=2)
+    head = {"head": HeadState(torch.nn.Linear(3, 2)).state_dict()}
+    # (step, metric, violation) → the step that must be best after it, by hand: violation first, then metric.
+    for step, metric, violation, expected in ((0, 0.9, 0.3, 0), (10, 0.5, 0.1, 10), (20, 0.8, 0.2, 10),
+                                              (30, 0.4, 0.1, 10), (40, 0.2, 0.0, 40), (50, 0.3, 0.0, 50),
+                                              (60, 0.9, 0.05, 50)):
+        assert c.save_if_best(step, metric, lambda: head, violation=violation)["step"] == expected
+    assert torch.load(c.best_path, weights_only=True)["step"] == 50
+    old = Checkpointer(run_dir, keep=2)  # a checkpoint written before violations ranked best.pt
+    old.load_state_dict({"best": {"metric": 0.5, "step": 10}})
+    assert old.save_if_best(20, 0.6, lambda: head, violation=0.01)["step"] == 10
 
 
 class _Signals:

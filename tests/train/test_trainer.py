@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -328,3 +329,42 @@ def test_auto_start_head_is_fixmatch_la_in_semi_and_la_in_supervised(tmp_path):
         Trainer(cfg, data).close()
         start = torch.load(tmp_path / setting / "init_head.pt", weights_only=True)
         assert torch.equal(start["weight"], head.weight.detach()) and torch.equal(start["bias"], head.bias.detach())
+
+
+def test_best_head_of_a_coverage_objective_is_chosen_by_its_violation_then_its_metric(tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    from synthetic_run import synthetic_data
+
+    from selmix_dist.config import load_config
+    from selmix_dist.features.sets import FeatureSet
+    from selmix_dist.train.trainer import Trainer
+
+    clean = synthetic_data()
+    k, alpha = 6, 0.95  # every class predicted for ≥ 95 % of its share: not met by any head here
+    # A noisier validation set, so that the heads' mean recall and coverage move apart between refreshes.
+    noise = 4.0 * torch.randn(clean.val.features.shape, generator=torch.Generator().manual_seed(0))
+    data = dataclasses.replace(clean, val=FeatureSet(clean.val.features + noise, clean.val.labels, "val"))
+    seen = []  # (step, mean recall, total coverage shortfall) of each head offered as the best, computed here
+    cfg = load_config(None, [f"run.dir={tmp_path}", *COMMON, "objective.name=mean_recall_min_coverage",
+                             f"objective.params.alpha={alpha}", "log.progress=false"])
+    trainer = Trainer(cfg, data)
+    offer = trainer.checkpointer.save_if_best
+
+    def measured(step, metric, payload, **kw):
+        with torch.no_grad():
+            pred = trainer.plain_head()(data.val.features).argmax(1)
+        y = data.val.labels
+        recall = [float(((pred == c) & (y == c)).sum() / (y == c).sum()) for c in range(k)]
+        cov = torch.bincount(pred, minlength=k).double() / len(y)
+        seen.append((step, sum(recall) / k, float((alpha / k - cov).clamp_min(0).sum())))
+        return offer(step, metric, payload, **kw)
+
+    trainer.checkpointer.save_if_best = measured
+    trainer.run()
+    trainer.close()
+    assert [s for s, _, _ in seen] == [0, 10, 20, 30, 40, 50, 60]
+    # by hand: the smallest shortfall, then the largest mean recall, the earliest step on a tie
+    expected = min(seen, key=lambda t: (round(t[2], 12), -round(t[1], 12), t[0]))[0]
+    by_metric_alone = max(seen, key=lambda t: (round(t[1], 12), -t[0]))[0]
+    assert expected != by_metric_alone  # a case where the old rule (the metric alone) chose another head
+    assert torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)["step"] == expected
