@@ -211,6 +211,10 @@ def run_experiment(spec: ExperimentSpec, *, out: Path, cache: Path, data_dir: Pa
                         records.append({**record, "rho_u": rho_u})
     finally:
         session.close()
+    threads = sorted({r["torch_threads"] for r in records if "torch_threads" in r})
+    if len(threads) > 1:
+        log(f"warning: these results were fitted with {threads} torch threads (their records' torch_threads); "
+            "a fit's float results depend on it: for one table, --recompute them under one OMP_NUM_THREADS")
     result = {"experiment": spec_dict(spec), "path": spec.path, "subset": dataclasses.asdict(subset),
               "seeds": seeds, "rho_u": rho_us, "class_names": features.class_names,
               "feature_cache": str(features.cache_dir),
@@ -250,7 +254,9 @@ def _compute(spec: ExperimentSpec, name: str, unit: SplitRun, store: ResultStore
     head = KINDS[m.kind].run(ctx, m.settings)
     seconds = time.perf_counter() - t0
     where, key = unit.where(spec, name), unit.keys[name]
+    # The thread count changes a fit's float results, and the store key does not hold it: recorded, to be seen.
     record = {"method": name, "kind": m.kind, "seed": unit.seed, "rho_u": where, "digest": key, "seconds": seconds,
+              "torch_threads": torch.get_num_threads(),
               "settings": KINDS[m.kind].resolve(m.settings, spec.trainer), "info": ctx.info,
               "val": evaluate(head, unit.data.val, unit.head_mask), "test": evaluate(head, unit.test, unit.head_mask)}
     store.put(name, unit.seed, where, key, record, head)

@@ -170,3 +170,25 @@ def test_a_trainer_method_stopped_by_a_signal_stores_nothing(toy_raw, toy_data_d
         run(parse_spec(toy_raw, "toy.yaml"), tmp_path, toy_data_dir, seeds=[1], rho_us=[2.0])
     stored = [p.name for p in (tmp_path / "out" / "store").rglob("*.json")]
     assert stored and not any(name.startswith("sm-") for name in stored)
+
+
+def test_results_fitted_with_other_thread_counts_are_recorded_and_warned_about(toy_raw, toy_data_dir, tmp_path):
+    spec = parse_spec(toy_raw, "toy.yaml")
+    before = torch.get_num_threads()
+    lines: list[str] = []
+    try:
+        torch.set_num_threads(1)
+        one = run_experiment(spec, out=tmp_path / "out", cache=tmp_path / "cache", data_dir=toy_data_dir,
+                             log=lines.append, seeds=[0], rho_us=[4.0])
+        assert {r["torch_threads"] for r in one["records"]} == {1}
+        assert not [line for line in lines if line.startswith("warning")]
+        torch.set_num_threads(2)
+        lines.clear()
+        mixed = run_experiment(spec, out=tmp_path / "out", cache=tmp_path / "cache", data_dir=toy_data_dir,
+                               log=lines.append, seeds=[0], rho_us=[4.0], recompute=["tau_norm"])
+    finally:
+        torch.set_num_threads(before)
+    assert {r["method"]: r["torch_threads"] for r in mixed["records"]}["tau_norm"] == 2
+    assert {r["torch_threads"] for r in mixed["records"]} == {1, 2}
+    (warning,) = [line for line in lines if line.startswith("warning")]
+    assert "[1, 2] torch threads" in warning and "--recompute" in warning
