@@ -92,9 +92,8 @@ def test_features_equal_raw_timm_pre_logits(resnet):
     x = _batch()
     with torch.no_grad():
         # Same input layout as FrozenBackbone.forward: the same oneDNN kernels, so bitwise equal.
-        expected = raw.forward_head(
-            raw.forward_features(x.contiguous(memory_format=torch.channels_last)), pre_logits=True
-        )
+        expected = raw.forward_head(raw.forward_features(x.contiguous(memory_format=torch.channels_last)),
+                                    pre_logits=True)
         # The NCHW path may pick other conv kernels (seen: 1.2e-7 apart in CI): equal to float rounding.
         nchw = raw.forward_head(raw.forward_features(x), pre_logits=True)
         # resnet18 pre-logits = global average of the last feature map.
@@ -235,6 +234,5 @@ def test_batch_normalize_matches_per_image_transform(lite0):
     expected = torch.stack([lite0.transform()(p) for p in photos])
     torch.testing.assert_close(lite0.normalize(raw), expected, rtol=0, atol=0)
     # And directly from the formula (x / 255 - mean) / std with mean = std = 0.5.
-    torch.testing.assert_close(
-        lite0.normalize(raw), (raw.double() / 255 - 0.5) / 0.5, rtol=0, atol=1e-6, check_dtype=False
-    )
+    torch.testing.assert_close(lite0.normalize(raw), (raw.double() / 255 - 0.5) / 0.5, rtol=0, atol=1e-6,
+                               check_dtype=False)
