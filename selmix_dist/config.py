@@ -104,6 +104,9 @@ class SelMixConfig:
     include_bias: bool = doc("Model the bias update in the gain.", False)
     prior: str = doc("Class prior in dC/dA: 'balanced' (K) or 'empirical' (validation row sums).", "balanced")
     mixup_min: float = doc("λ ~ U[mixup_min, 1]; the gain uses the mean (mixup_min + 1) / 2.", 0.6)
+    confusion_temperature: float = doc("T of the soft validation confusion the gain sees: each sample adds "
+                                       "softmax(logits / T) to its true class's row (docs/method.md §2.5). 0: the "
+                                       "argmax counts of the paper.", 0.0)
     pseudo_threshold: float = doc("Confidence threshold for pseudo-labels (0: plain argmax).", 0.0)
     pseudo_label_every: int = doc("Refreshes between pseudo-labelling passes over the unlabeled split "
                                   "(1: every refresh, as in the paper; larger amortises a big unlabeled set).", 1)
@@ -336,6 +339,7 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "selmix.target_support": (0, math.inf, False),
     "selmix.eps": (0, 1, True),
     "selmix.mixup_min": (0, 1, True),
+    "selmix.confusion_temperature": (0, math.inf, True),
     "selmix.pseudo_threshold": (0, 1, True),
     "selmix.pseudo_label_every": (1, math.inf, True),
     "selmix.pseudo_logit_adjust": (0, math.inf, True),

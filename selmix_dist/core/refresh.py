@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ._validate import check_choice, check_finite, check_square
+from ._validate import check_choice, check_finite, check_nonnegative, check_square
 from .confusion import joint_confusion
 from .distribution import TEMPERATURE_RULES, _distribution, distribution_entropy, effective_support
 from .gain import PRIORS, _check_head, _check_options, _gain_from_clipped
@@ -152,12 +152,28 @@ def _check_statistics(counts: object, feature_sums: object, weight: object, bias
     return k
 
 
+def _check_confusion(confusion: object, k: int) -> torch.Tensor:
+    confusion = check_square(confusion, "confusion")
+    if confusion.shape[0] != k or not confusion.is_floating_point():
+        raise ValueError(f"confusion must be a floating-point [{k}, {k}] matrix like counts, got "
+                         f"{confusion.dtype} {tuple(confusion.shape)}")
+    check_finite(confusion, "confusion")
+    check_nonnegative(confusion, "confusion")
+    if abs(float(confusion.sum()) - 1.0) > 1e-9:
+        raise ValueError(f"confusion must sum to 1 (a joint confusion matrix), sums to {float(confusion.sum()):.12g}")
+    return confusion
+
+
 def selmix_refresh(counts: torch.Tensor, feature_sums: torch.Tensor, weight: torch.Tensor,
-                   bias: torch.Tensor | None, objective: Objective, settings: RefreshSettings) -> Refresh:
+                   bias: torch.Tensor | None, objective: Objective, settings: RefreshSettings,
+                   confusion: torch.Tensor | None = None) -> Refresh:
     """One refresh: C, prototypes, multipliers, Ψ, G and P.
 
     Args:
         counts: int64 [K, K] validation confusion counts (rows: true class).
+        confusion: float64 [K, K] joint confusion (entries ≥ 0, summing to 1) that the multipliers, Ψ and G see
+            instead of counts / counts.sum(): the soft confusion (docs/method.md §2.5). The class supports
+            and prototypes still come from ``counts``.
         feature_sums: float [K, d] sum of the validation features of each true class; the prototypes are
             feature_sums / class count (a class without validation sample gets a zero prototype).
         weight, bias: the head, [K, d] and [K] (bias None for a head without one).
@@ -175,7 +191,8 @@ def selmix_refresh(counts: torch.Tensor, feature_sums: torch.Tensor, weight: tor
         raise ValueError("counts is all zero; a joint confusion matrix needs at least one sample")
     present = support > 0
     prototypes = feature_sums.detach().to(device=device, dtype=torch.float64) / support.clamp_min(1).unsqueeze(1)
-    joint = counts.to(torch.float64).div_(total)  # exact in float64: the sum of the counts is an integer < 2⁵³
+    joint = (counts.to(torch.float64).div_(total) if confusion is None  # exact: the counts' sum is an integer < 2⁵³
+             else _check_confusion(confusion, k).to(device=device, dtype=torch.float64))
     clipped = joint.clamp_min(CLAMP_MIN) if variant == "official" or not settings.uniform else None
     objective._update_from(clipped if variant == "official" else joint, present, variant)
     if settings.uniform:

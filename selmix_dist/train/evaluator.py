@@ -36,11 +36,18 @@ class SplitStatistics:
     """Global statistics of one split under the current head, identical on every rank.
 
     counts: int64[K, K] confusion counts (rows true, columns predicted);
-    feature_sums: float64[K, d] per-class feature sums (None when not requested).
+    feature_sums: float64[K, d] per-class feature sums (None when not requested);
+    soft_counts: int64[K, K] Σ softmax(logits / T) over each true class's samples in units of 2⁻³² of a sample
+        (None when not requested). Fixed point, so that the all-reduce is exact in any order and any world
+        size gives the same sums; ``joint_confusion(soft_counts)`` is the soft C (docs/method.md §2.5).
     """
 
     counts: torch.Tensor
     feature_sums: torch.Tensor | None
+    soft_counts: torch.Tensor | None = None
+
+
+SOFT_UNIT = 2.0 ** 32   # one sample in soft_counts; N · 2³² stays below 2⁶³ for N < 2³¹
 
 
 def _shard_batches(n: int, batch_size: int) -> Iterator[torch.Tensor]:
@@ -60,22 +67,30 @@ class Evaluator:
 
     @torch.no_grad()
     def statistics(self, head: torch.nn.Module, fs: FeatureSet, *, with_features: bool,
-                   poll: Poll = _never) -> SplitStatistics:
-        """Confusion counts (and per-class feature sums) of `fs` under `head`, over all ranks."""
+                   soft_temperature: float = 0.0, poll: Poll = _never) -> SplitStatistics:
+        """Confusion counts (per-class feature sums; soft counts at `soft_temperature` > 0) of `fs` under
+        `head`, over all ranks."""
         preds = [torch.empty(0, dtype=torch.int64, device=self.device)]  # kept on the device: one copy at the end
         sums = torch.zeros(self.k, fs.num_features, dtype=torch.float64, device=self.device) if with_features else None
+        soft = torch.zeros(self.k, self.k, dtype=torch.int64, device=self.device) if soft_temperature > 0 else None
         for index in _shard_batches(len(fs), self.batch_size):
             if len(index):
                 x = fs.take(index).to(self.device)
-                preds.append(head(x).argmax(dim=1))
+                logits = head(x)
+                preds.append(logits.argmax(dim=1))
+                labels = fs.labels[index].to(self.device)
                 if with_features:
-                    sums.index_add_(0, fs.labels[index].to(self.device), x.to(torch.float64))
+                    sums.index_add_(0, labels, x.to(torch.float64))
+                if soft is not None:
+                    p = (logits.to(torch.float64) / soft_temperature).softmax(dim=1)
+                    soft.index_add_(0, labels, torch.round(p * SOFT_UNIT).to(torch.int64))
             if poll():
                 raise Interrupted
         # Predictions are gathered (O(N) bytes rather than a K×K all-reduce, 530 MB at K = 8142) and counted
-        # once on every rank; feature sums are all-reduced.
+        # once on every rank; feature sums are all-reduced, and soft counts, which are dense, too.
         counts = confusion_counts(fs.labels, dist.all_gather_cat(torch.cat(preds).cpu()), self.k)
-        return SplitStatistics(counts, None if sums is None else dist.all_reduce_sum(sums.cpu()))
+        return SplitStatistics(counts, None if sums is None else dist.all_reduce_sum(sums.cpu()),
+                               None if soft is None else dist.all_reduce_sum(soft.cpu()))
 
     def metrics(self, counts: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
         """Every metric of the confusion counts, and the per-class recall float64[K]."""

@@ -1,6 +1,7 @@
 """The refresh (docs/method.md §4.3): measure C and the prototypes, pseudo-label, recompute G and P, rebuild sampling.
 
-Order of one refresh, identical on every rank: sharded validation pass (counts + feature sums, reduced) →
+Order of one refresh, identical on every rank: sharded validation pass (counts + feature sums, and soft
+counts at selmix.confusion_temperature > 0, reduced) →
 pseudo-labels of the unlabeled split (sharded, gathered; every `pseudo_label_every` refreshes) →
 `core.selmix_refresh` (multipliers, ∂ψ/∂C, G, P) → rank 0's P broadcast as the authority → pair sampler.
 Until the last step nothing is committed, so a preemption during the passes leaves the state of the last
@@ -80,7 +81,8 @@ class Refresher:
             now = time.perf_counter()
             timings[name], t0 = now - t0, now
 
-        val = self.evaluator.statistics(head, self.val, with_features=True, poll=poll)
+        soft_t = self.selmix.confusion_temperature
+        val = self.evaluator.statistics(head, self.val, with_features=True, soft_temperature=soft_t, poll=poll)
         lap("eval")
         pseudo = self.semi and self._pseudo_label_due(step)
         if pseudo:
@@ -90,14 +92,17 @@ class Refresher:
             labels = self.partner_labels if self.semi else self.labeled.labels.to(torch.int32)
         lap("pseudo_labels")
         # ψ of this C with the multipliers that decided the last P: what the last forecast predicted the change of.
-        psi_before = float(self.objective.psi(joint_confusion(val.counts)))
+        hard = joint_confusion(val.counts)
+        psi_before = float(self.objective.psi(hard))
         forecast = self.forecast.close(step, psi_before, self.lr_sum(self.step, step) if self.step is not None else 0.0)
         # From here on the refresh commits: the objective's multipliers move and P is replaced.
         device = self.evaluator.device
+        soft = joint_confusion(val.soft_counts) if val.soft_counts is not None else None
         result = selmix_refresh(val.counts, val.feature_sums.to(device), head.weight.detach().to(torch.float64),
-                                head.bias.detach().to(torch.float64), self.objective, self.settings)
+                                head.bias.detach().to(torch.float64), self.objective, self.settings, confusion=soft)
         rate = GainForecast.rate(result.gain, result.distribution)
-        self.forecast.open(step, rate, float(self.objective.psi(result.joint)))
+        # The forecast is judged on the metric of hard predictions, whichever C the gain saw (docs/method.md §4.4).
+        self.forecast.open(step, rate, float(self.objective.psi(hard)))
         lap("gain")
         # Every rank computed the same P from the same reduced statistics; rank 0's copy is authoritative.
         result.distribution = dist.broadcast_tensor(result.distribution)

@@ -83,6 +83,33 @@ def test_refresh_equals_the_step_by_step_sequence(settings: RefreshSettings) -> 
         assert out.max_gain == pytest.approx(float(gain.max()), rel=1e-10)
 
 
+@pytest.mark.parametrize("name", ["min_recall", "h_mean", "h_mean_min_coverage"])
+def test_a_soft_confusion_replaces_the_counts_in_the_multipliers_psi_and_gain_not_in_the_prototypes(name) -> None:
+    """selmix_refresh(..., confusion=S) is the step-by-step sequence at C = S, with prototypes and supports from
+    the hard counts; S = the counts' own joint gives the hard refresh exactly."""
+    counts, sums, feats, labels, w, b = _statistics(seed=11)
+    g = torch.Generator().manual_seed(12)
+    soft = torch.rand(K, K, generator=g, dtype=torch.float64) + 3 * torch.eye(K, dtype=torch.float64)
+    soft /= soft.sum()
+    settings = RefreshSettings()
+    ours, theirs = build_objective(name, K, head=_head()), build_objective(name, K, head=_head())
+    out = selmix_refresh(counts, sums, w, b, ours, settings, confusion=soft)
+    theirs.update_multipliers(soft)
+    psi = theirs.gradient(soft)
+    prototypes = torch.stack([feats[labels == c].mean(dim=0) for c in range(K)])
+    gain = gain_matrix(prototypes, w.double(), b.double(), soft, psi, mixup_mean=(settings.mixup_min + 1) / 2)
+    assert torch.equal(out.joint, soft)
+    torch.testing.assert_close(out.prototypes, prototypes, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(out.psi, psi, rtol=1e-12, atol=0)
+    torch.testing.assert_close(out.gain, gain, rtol=1e-10, atol=1e-14 * float(gain.abs().max()))
+    hard = selmix_refresh(counts, sums, w, b, build_objective(name, K, head=_head()), settings)
+    same = selmix_refresh(counts, sums, w, b, build_objective(name, K, head=_head()), settings,
+                          confusion=joint_confusion(counts))
+    for field in ("joint", "psi", "gain", "distribution"):
+        assert torch.equal(getattr(same, field), getattr(hard, field)), field
+    assert not torch.equal(out.gain, hard.gain)
+
+
 def test_refresh_reports_the_temperature_and_entropy_it_used() -> None:
     counts, sums, _, _, w, b = _statistics(seed=2)
     obj = build_objective("mean_recall", K)
@@ -158,6 +185,12 @@ def test_refresh_rejects_bad_input() -> None:
     ):
         with pytest.raises(ValueError, match=match):
             selmix_refresh(*args, RefreshSettings())
+    joint = joint_confusion(counts)
+    for confusion, match in ((joint[:3], "confusion must be a square"), (counts, "confusion must be a floating"),
+                             (joint * 2, "confusion must sum to 1"), (-joint, "confusion has negative"),
+                             (joint * float("nan"), "confusion contains NaN")):
+        with pytest.raises(ValueError, match=match):
+            selmix_refresh(counts, sums, w, b, obj, RefreshSettings(), confusion=confusion)
 
 
 @pytest.mark.parametrize(

@@ -111,8 +111,8 @@ def main() -> None:
     if args.dump_refresh:
         record = trainer.refresher.refresh(trainer.plain_head(), trainer.step, lambda: False)
         r = record.result
-        torch.save({"counts": record.counts, "prototypes": r.prototypes, "P": r.distribution, "G": r.gain,
-                    "partner_labels": record.partner_labels}, f"{args.dump_refresh}.rank{rank}")
+        torch.save({"counts": record.counts, "joint": r.joint, "prototypes": r.prototypes, "P": r.distribution,
+                    "G": r.gain, "partner_labels": record.partner_labels}, f"{args.dump_refresh}.rank{rank}")
         trainer.close()
         return
     summary = trainer.run()

@@ -157,3 +157,30 @@ def test_checkpoint_parts_round_trip_and_a_misfit_names_its_entry(tmp_path):
     assert torch.equal(fresh_opt.state[fresh_head.weight]["momentum_buffer"], momentum)
     with pytest.raises(ValueError, match=r"step_00000007.pt does not fit this run: its 'head' entry"):
         plan.load({"head": HeadState(torch.nn.Linear(4, 2))})
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_soft_counts_are_the_softmax_rows_summed_per_true_class_in_fixed_point(temperature):
+    """Evaluator.statistics(soft_temperature=T): Σ softmax(logits / T) per true class, by a loop over the samples,
+    in units of 2⁻³² (one rounding per sample and entry); as T → 0 it becomes 2³² × the argmax counts exactly."""
+    from selmix_dist.features.sets import FeatureSet
+    from selmix_dist.train.evaluator import SOFT_UNIT, Evaluator
+
+    g = torch.Generator().manual_seed(3)
+    k, n = 5, 37
+    fs = FeatureSet(torch.randn(n, 4, generator=g), torch.randint(0, k, (n,), generator=g), "val")
+    head = torch.nn.Linear(4, k)
+    evaluator = Evaluator(k, batch_size=8, device=torch.device("cpu"), head_mask=torch.ones(k, dtype=torch.bool))
+    stats = evaluator.statistics(head, fs, with_features=False, soft_temperature=temperature)
+    expected = torch.zeros(k, k, dtype=torch.float64)
+    with torch.no_grad():
+        for x, y in zip(fs.features, fs.labels, strict=True):
+            logits = head(x).double() / temperature
+            expected[y] += torch.exp(logits - logits.max()) / torch.exp(logits - logits.max()).sum()
+    assert stats.soft_counts.dtype == torch.int64
+    # float32 logits of one row alone and of a batch differ by ~1e-7 (the kernels): that, not the 2⁻³³ rounding
+    torch.testing.assert_close(stats.soft_counts.double() / SOFT_UNIT, expected, rtol=0, atol=2e-6)
+    assert float(stats.soft_counts.sum()) / SOFT_UNIT == pytest.approx(n, abs=k * n / SOFT_UNIT)
+    assert evaluator.statistics(head, fs, with_features=False).soft_counts is None
+    cold = evaluator.statistics(head, fs, with_features=False, soft_temperature=1e-6)
+    assert torch.equal(cold.soft_counts, cold.counts * int(SOFT_UNIT))

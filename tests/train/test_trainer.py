@@ -161,15 +161,20 @@ def test_data_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_agree_with_one_at_first_refresh(tmp_path, synthetic_cache):
-    """One process in memory, two through the cache reader (each pseudo-labels its shard of the pool)."""
+@pytest.mark.parametrize("confusion", ["hard", "soft"])
+def test_two_processes_agree_with_one_at_first_refresh(tmp_path, synthetic_cache, confusion):
+    """One process in memory, two through the cache reader (each pseudo-labels its shard of the pool); the
+    soft confusion (fixed-point sums) is the same C bit for bit."""
     one, two = tmp_path / "one", tmp_path / "two"
-    ok(run_script(tmp_path / "r1", "--dump-refresh", str(one)))
-    ok(run_script(tmp_path / "r2", "--dump-refresh", str(two), "--cache", str(synthetic_cache), procs=2))
+    soft = ["selmix.confusion_temperature=1.0"] if confusion == "soft" else []
+    ok(run_script(tmp_path / "r1", "--dump-refresh", str(one), *soft))
+    ok(run_script(tmp_path / "r2", "--dump-refresh", str(two), "--cache", str(synthetic_cache), *soft, procs=2))
     a = torch.load(f"{one}.rank0", weights_only=True)
     b0, b1 = (torch.load(f"{two}.rank{r}", weights_only=True) for r in (0, 1))
+    hard = a["counts"].double() / a["counts"].sum()
+    assert torch.equal(a["joint"], hard) == (confusion == "hard")
     for b in (b0, b1):
-        assert torch.equal(a["counts"], b["counts"])
+        assert torch.equal(a["counts"], b["counts"]) and torch.equal(a["joint"], b["joint"])
         assert torch.equal(a["partner_labels"], b["partner_labels"])
         # Feature sums are reduced in another order: equal up to float64 rounding.
         torch.testing.assert_close(a["prototypes"], b["prototypes"], rtol=1e-12, atol=1e-14)
