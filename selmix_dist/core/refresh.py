@@ -171,14 +171,14 @@ def selmix_refresh(counts: torch.Tensor, feature_sums: torch.Tensor, weight: tor
 
     Args:
         counts: int64 [K, K] validation confusion counts (rows: true class).
-        confusion: float64 [K, K] joint confusion (entries ≥ 0, summing to 1) that the multipliers, Ψ and G see
-            instead of counts / counts.sum(): the soft confusion (docs/method.md §2.5). The class supports
-            and prototypes still come from ``counts``.
         feature_sums: float [K, d] sum of the validation features of each true class; the prototypes are
             feature_sums / class count (a class without validation sample gets a zero prototype).
         weight, bias: the head, [K, d] and [K] (bias None for a head without one).
         objective: its multipliers are updated in place from C (they are its state).
         settings: ``RefreshSettings``.
+        confusion: float64 [K, K] joint confusion (entries ≥ 0, summing to 1) that the multipliers, Ψ and G see
+            instead of counts / counts.sum(): the soft confusion (docs/method.md §2.5). The class supports
+            and prototypes still come from ``counts``.
 
     Computes on ``weight.device``; returns tensors on that device.
     """
