@@ -107,6 +107,11 @@ class SelMixConfig:
     confusion_temperature: float = doc("T of the soft validation confusion the gain sees: each sample adds "
                                        "softmax(logits / T) to its true class's row (docs/method.md §2.5). 0: the "
                                        "argmax counts of the paper.", 0.0)
+    coverage_floor: bool = doc("Objectives with a per-class coverage constraint (mean_recall_min_coverage, "
+                               "h_mean_min_coverage): at every refresh raise the head's biases by the coverage "
+                               "auction until every class has ⌈αV/K⌉ validation predictions, so that the gain, "
+                               "best.pt and the final head see a head that meets the constraint on validation "
+                               "(docs/method.md §2.6). Not with DeepSpeed.", False)
     pseudo_threshold: float = doc("Confidence threshold for pseudo-labels (0: plain argmax).", 0.0)
     pseudo_label_every: int = doc("Refreshes between pseudo-labelling passes over the unlabeled split "
                                   "(1: every refresh, as in the paper; larger amortises a big unlabeled set).", 1)
@@ -389,6 +394,10 @@ def validate(cfg: Config) -> None:
     if cfg.objective.name not in OBJECTIVES:
         raise ValueError(f"config key 'objective.name': unknown objective '{cfg.objective.name}'"
                          f"{_closest(cfg.objective.name, sorted(OBJECTIVES))}")
+    if cfg.selmix.coverage_floor and "coverage_violation" not in OBJECTIVES[cfg.objective.name].constraint_metrics:
+        with_floor = sorted(n for n, o in OBJECTIVES.items() if "coverage_violation" in o.constraint_metrics)
+        raise ValueError(f"config key 'selmix.coverage_floor' needs an objective with a per-class coverage "
+                         f"constraint ({', '.join(with_floor)}); objective.name is '{cfg.objective.name}'")
 
 
 # Keys that cannot change what a run computes: a resume may change them (the change is recorded).

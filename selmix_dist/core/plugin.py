@@ -41,7 +41,7 @@ from .confusion import joint_confusion
 from .metrics import compute_metrics
 from .objectives import Objective
 
-__all__ = ["PluginResult", "constraint_violation", "fit_plugin", "plugin_score"]
+__all__ = ["PluginResult", "constraint_violation", "coverage_floor", "fit_plugin", "plugin_score"]
 
 # Rows of the [V, K] score matrix handled at once by the soft direction (bounded float64 memory at K = 8142).
 _BLOCK_ENTRIES = 1 << 24
@@ -208,11 +208,39 @@ def _raise_uncovered(logits: torch.Tensor, beta: torch.Tensor, need: int, max_ra
         if int(counts[j]) >= need:
             break
         other_value, _ = top.others(j)
-        threshold = torch.sort(other_value - logits[:, j]).values
-        beta[j] = float(threshold[share - 1] + threshold[share]) / 2 if share < v else float(threshold[-1]) + 1.0
+        threshold = other_value - logits[:, j]
+        if share < v:   # the share-th and next flip points: a partial sort, not a sort of all V
+            low = torch.topk(threshold, share + 1, largest=False).values
+            beta[j] = float(low[share - 1] + low[share]) / 2
+        else:
+            beta[j] = float(threshold.max()) + 1.0
         top.moved(j, beta)
         counts = torch.bincount(top.classes[:, 0], minlength=k)
     return beta - beta.mean()
+
+
+def _coverage_need(alpha: float, v: int, k: int) -> int:
+    """Validation predictions every class needs for cov_j ≥ α/K: ⌈αV/K⌉ (the 1e-9 absorbs αV/K's rounding)."""
+    return math.ceil(alpha * v / k - 1e-9)
+
+
+def coverage_floor(logits: torch.Tensor, alpha: float) -> torch.Tensor:
+    """β float64[K], mean 0: the bias shift that gives every class at least ⌈αV/K⌉ of the predictions
+    ``argmax(logits + β)`` over validation logits float[V, K], by the coverage auction (``_raise_uncovered``).
+
+    Zero where every class already has them, so applying it twice changes nothing. The floor must be reachable:
+    ⌈αV/K⌉ ≤ ⌊V/K⌋ (an equal share), which α < 1 gives whenever V is a multiple of K."""
+    if logits.dim() != 2 or not bool(torch.isfinite(logits).all()):
+        raise ValueError(f"logits must be a finite [V, K] tensor, got shape {tuple(logits.shape)}")
+    v, k = logits.shape
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha must lie in (0, 1], got {alpha!r}")
+    need = _coverage_need(alpha, v, k)
+    if need > v // k:
+        raise ValueError(f"coverage floor α/K = {alpha:g}/{k} asks {need} of {v} validation predictions per class, "
+                         f"more than an equal share ({v // k}): lower alpha or balance the validation split")
+    return _raise_uncovered(logits.to(torch.float64), torch.zeros(k, dtype=torch.float64, device=logits.device),
+                            need, 16 * k)
 
 
 def fit_plugin(logits: torch.Tensor, labels: torch.Tensor, objective: Objective, *, head: torch.Tensor | None = None,
@@ -277,7 +305,7 @@ def fit_plugin(logits: torch.Tensor, labels: torch.Tensor, objective: Objective,
         if score > best:
             best_beta, best = beta.clone(), score
     if best[0] < 0 and "coverage_violation" in objective.constraint_metrics and k > 1:
-        beta = _raise_uncovered(logits, best_beta, math.ceil(objective.params["alpha"] * v / k - 1e-9), 16 * k)
+        beta = _raise_uncovered(logits, best_beta, _coverage_need(objective.params["alpha"], v, k), 16 * k)
         score = score_of((logits + beta).argmax(dim=1))
         if score > best:
             best_beta, best = beta, score

@@ -7,7 +7,8 @@ function; the runner and the tables never name a kind.
 Start heads: a kind with a ``start`` setting receives a copy of that method's head (``ctx.start(s)``), so
 the experiment file states every start-head rule (e.g. the FixMatch-LA analogue starts from the LA head).
 ``start`` may list several methods: the one whose head scores best on validation, on the metric the method
-is compared on, is used (``heads.start.choose_by_validation``), and its name goes into the result's ``info``.
+is compared on, is used (``heads.start.choose_by_validation``), and its name goes into the result's ``info``;
+a plug-in with ``start_by: plugin`` fits every candidate and keeps the best plug-in on validation instead.
 """
 
 from __future__ import annotations
@@ -218,6 +219,13 @@ class PluginSettings(ObjectiveSettings):
     iterations: int = doc("Linearised-ascent iterations of the log-weights (core.plugin.fit_plugin).", 50)
     step: float = doc("First ascent step in logit units (then step/sqrt(t+1)).", 0.5)
     polish_sweeps: int = doc("Coordinate-polish sweeps over the classes (0: none).", 2)
+    start_by: str = doc("Of several `start` heads: 'head' (the best head on validation, then its plug-in) or "
+                        "'plugin' (the plug-in of every candidate; the best on validation, by its plug-in score). "
+                        "'plugin' compares every candidate after the same tuning of its biases.", "head")
+
+    def __post_init__(self) -> None:
+        if self.start_by not in ("head", "plugin"):
+            raise ValueError(f"start_by must be 'head' or 'plugin', got {self.start_by!r}")
 
 
 @dataclass
@@ -392,8 +400,19 @@ def plugin_classifier(ctx: MethodContext, s: PluginSettings) -> nn.Linear:
     from selmix_dist.heads.plugin import fit_plugin_head
 
     objective = build_objective(s.objective, ctx.k, head=ctx.head_mask, **s.params)
-    head, result = fit_plugin_head(ctx.start(s), ctx.rows.xv, ctx.rows.yv, objective, ctx.head_mask,
-                                   iterations=s.iterations, step=s.step, polish_sweeps=s.polish_sweeps)
+
+    def fit(start: nn.Linear):
+        return fit_plugin_head(start, ctx.rows.xv, ctx.rows.yv, objective, ctx.head_mask,
+                               iterations=s.iterations, step=s.step, polish_sweeps=s.polish_sweeps)
+
+    names = start_names(s)
+    if s.start_by == "plugin" and len(names) > 1:
+        fitted = {name: fit(copy.deepcopy(ctx.starts[name])) for name in names}
+        name = max(names, key=lambda n: fitted[n][1].score)   # ties: the first listed
+        ctx.info.update(start=name, start_plugin_val={n: list(r.score) for n, (_, r) in fitted.items()})
+        head, result = fitted[name]
+    else:
+        head, result = fit(ctx.start(s))
     ctx.info.update(plugin_val_score=list(result.score), plugin_start_val_score=list(result.start_score))
     return head
 

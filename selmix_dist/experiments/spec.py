@@ -134,9 +134,13 @@ def _fill(cls: type, raw: Any, where: str, prefix: str = "") -> Any:
     if missing:
         raise ValueError(f"{where}: missing key(s) {missing}")
     try:
-        return cls(**{k: _typed(prefix + k, v, hints[k]) for k, v in raw.items()})
+        values = {k: _typed(prefix + k, v, hints[k]) for k, v in raw.items()}
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
+    try:
+        return cls(**values)
+    except ValueError as e:   # a settings class's own check (__post_init__), which knows no prefix
+        raise ValueError(f"{where}: {prefix}{e}") from None
 
 
 def _method(name: str, raw: Any, where: str) -> MethodSpec:

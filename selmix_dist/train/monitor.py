@@ -257,6 +257,7 @@ class Monitor:
         self.scalars({"selmix/gain_rate": record.gain_rate, "selmix/max_gain": r.max_gain,
                       "selmix/entropy_P": r.entropy, "selmix/effective_support": support,
                       "selmix/temperature": r.temperature,
+                      **({"selmix/coverage_floor_raised": record.floor_raised} if cfg.selmix.coverage_floor else {}),
                       **{f"time/refresh_{k}": v for k, v in record.timings.items()}}, step)
         for name, values in objective.multipliers().items():
             self.per_class(f"multipliers/{name}", values.flatten(), step)

@@ -1,12 +1,13 @@
 """The refresh (docs/method.md §4.3): measure C and the prototypes, pseudo-label, recompute G and P, rebuild sampling.
 
-Order of one refresh, identical on every rank: sharded validation pass (counts + feature sums, and soft
-counts at selmix.confusion_temperature > 0, reduced) →
+Order of one refresh, identical on every rank: at selmix.coverage_floor, the bias shift that meets the coverage
+floor on the whole validation set (rank 0's authoritative) → sharded validation pass of that head (counts +
+feature sums, and soft counts at selmix.confusion_temperature > 0, reduced) →
 pseudo-labels of the unlabeled split (sharded, gathered; every `pseudo_label_every` refreshes) →
-`core.selmix_refresh` (multipliers, ∂ψ/∂C, G, P) → rank 0's P broadcast as the authority → pair sampler.
-Until the last step nothing is committed, so a preemption during the passes leaves the state of the last
-step boundary intact. Only the sampling state (P, partner labels, the step that decided them) is
-checkpointed; everything else of a refresh is logged.
+`core.selmix_refresh` (multipliers, ∂ψ/∂C, G, P) → rank 0's P broadcast as the authority → pair sampler (and
+the floor's biases into the training head). Until the last step nothing is committed, so a preemption during
+the passes leaves the state of the last step boundary intact. Only the sampling state (P, partner labels, the
+step that decided them) is checkpointed, with the head; everything else of a refresh is logged.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from selmix_dist.config import SelMixConfig
 from selmix_dist.core import PairSampler, joint_confusion
 from selmix_dist.core.forecast import Forecast, GainForecast
 from selmix_dist.core.objectives import Objective
+from selmix_dist.core.plugin import coverage_floor
 from selmix_dist.core.refresh import Refresh, RefreshSettings, selmix_refresh
 from selmix_dist.features.sets import FeatureSet
+from selmix_dist.heads.plugin import head_logits, plugin_head
 from selmix_dist.memory import release_freed_memory
 from selmix_dist.train.evaluator import Evaluator, Poll
 
@@ -39,6 +42,17 @@ class RefreshRecord:
     timings: dict[str, float] = field(default_factory=dict)
     gain_rate: float = 0.0               # Σ P∘G: ψ's expected change per unit lr of one step (core.forecast)
     forecast: Forecast | None = None     # the previous refresh's prediction against what this one measured
+    floor_raised: int = 0                # classes whose bias the coverage floor raised (selmix.coverage_floor)
+
+
+@dataclass
+class CoverageFloor:
+    """A head whose biases meet the coverage floor, how many classes were raised, and the validation counts
+    int64[K, K] of the head before (what its training steps produced)."""
+
+    head: torch.nn.Linear
+    raised: int
+    counts_before: torch.Tensor
 
 
 class Refresher:
@@ -81,25 +95,29 @@ class Refresher:
             now = time.perf_counter()
             timings[name], t0 = now - t0, now
 
+        floor = self.coverage_floor(head) if self.selmix.coverage_floor else None
+        floored = floor.head if floor else head
+        lap("coverage_floor")
         soft_t = self.selmix.confusion_temperature
-        val = self.evaluator.statistics(head, self.val, with_features=True, soft_temperature=soft_t, poll=poll)
+        val = self.evaluator.statistics(floored, self.val, with_features=True, soft_temperature=soft_t, poll=poll)
         lap("eval")
         pseudo = self.semi and self._pseudo_label_due(step)
         if pseudo:
-            labels = self.evaluator.pseudo_labels(head, self.partners, threshold=self.selmix.pseudo_threshold,
+            labels = self.evaluator.pseudo_labels(floored, self.partners, threshold=self.selmix.pseudo_threshold,
                                                   log_prior=self.pseudo_prior, poll=poll)
         else:
             labels = self.partner_labels if self.semi else self.labeled.labels.to(torch.int32)
         lap("pseudo_labels")
-        # ψ of this C with the multipliers that decided the last P: what the last forecast predicted the change of.
+        # ψ of this C with the multipliers that decided the last P: what the last forecast predicted the change of
+        # (the steps' head, before the floor moved its biases).
         hard = joint_confusion(val.counts)
-        psi_before = float(self.objective.psi(hard))
+        psi_before = float(self.objective.psi(joint_confusion(floor.counts_before) if floor else hard))
         forecast = self.forecast.close(step, psi_before, self.lr_sum(self.step, step) if self.step is not None else 0.0)
         # From here on the refresh commits: the objective's multipliers move and P is replaced.
         device = self.evaluator.device
         soft = joint_confusion(val.soft_counts) if val.soft_counts is not None else None
-        result = selmix_refresh(val.counts, val.feature_sums.to(device), head.weight.detach().to(torch.float64),
-                                head.bias.detach().to(torch.float64), self.objective, self.settings, confusion=soft)
+        result = selmix_refresh(val.counts, val.feature_sums.to(device), floored.weight.detach().to(torch.float64),
+                                floored.bias.detach().to(torch.float64), self.objective, self.settings, confusion=soft)
         rate = GainForecast.rate(result.gain, result.distribution)
         # The forecast is judged on the metric of hard predictions, whichever C the gain saw (docs/method.md §4.4).
         self.forecast.open(step, rate, float(self.objective.psi(hard)))
@@ -108,10 +126,24 @@ class Refresher:
         result.distribution = dist.broadcast_tensor(result.distribution)
         lap("broadcast")
         self._commit(step, result.distribution, labels)
+        if floor:
+            with torch.no_grad():
+                head.bias.copy_(floored.bias)
         release_freed_memory()   # the passes' buffers, which glibc would otherwise keep in this rank's heap
         lap("sampler")
         timings["total"] = sum(timings.values())
-        return RefreshRecord(step, val.counts, result, labels, timings, rate, forecast)
+        return RefreshRecord(step, val.counts, result, labels, timings, rate, forecast,
+                             floor.raised if floor else 0)
+
+    def coverage_floor(self, head: torch.nn.Linear) -> CoverageFloor:
+        """``head`` with its biases raised to meet the objective's coverage floor on the whole validation set
+        (``core.plugin.coverage_floor``, docs/method.md §2.6), as a copy. Every rank computes the shift from the
+        same head and features; rank 0's is the authority. Costs the [V, K] validation logits on every rank."""
+        logits = head_logits(head, self.val.take(torch.arange(len(self.val))))
+        shift = dist.broadcast_tensor(coverage_floor(logits, self.objective.params["alpha"]))
+        k = head.out_features
+        counts = torch.bincount(self.val.labels * k + logits.argmax(dim=1), minlength=k * k).reshape(k, k)
+        return CoverageFloor(plugin_head(head, shift), int((shift > shift.min()).sum()), counts)
 
     def _commit(self, step: int, distribution: torch.Tensor, partner_labels: torch.Tensor) -> None:
         self.step, self.distribution, self.partner_labels = step, distribution, partner_labels

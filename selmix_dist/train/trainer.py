@@ -62,6 +62,11 @@ class Trainer:
         check_data(cfg, data)
         map_large_blocks()  # the passes' large buffers must not settle in this rank's heap (selmix_dist.memory)
         self.acc = accelerator or dist.make_accelerator()
+        if cfg.selmix.coverage_floor and self.acc.distributed_type.name == "DEEPSPEED":
+            # ZeRO keeps its own fp32 copy of the head and writes it back at every step: a bias the refresh
+            # moved would be undone.
+            raise ValueError("config key 'selmix.coverage_floor' sets the head's biases between steps, which "
+                             "DeepSpeed's ZeRO optimizer overwrites from its own copy: run without DeepSpeed")
         self.rank, self.world = dist.world_info()
         self.k = data.num_classes
         self.preemption = preemption or Preemption(cfg.run.requeue).install()
@@ -215,6 +220,9 @@ class Trainer:
     def _finish(self, monitor: Monitor) -> None:
         self.stopping.check_finite_loss()
         if self.refresher.step != self.step:
+            if self.cfg.selmix.coverage_floor:   # the last steps came after the last refresh's floor
+                with torch.no_grad():
+                    self.plain_head().bias.copy_(self.refresher.coverage_floor(self.plain_head()).head.bias)
             self._log_eval(monitor, self.data.val, "val")
         best = self.checkpointer.best
         if self.data.test is not None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from selmix_dist.core import build_objective, compute_metrics, confusion_counts, head_tail_masks
-from selmix_dist.core.plugin import _raise_uncovered, _soft_direction, fit_plugin, plugin_score
+from selmix_dist.core.plugin import _raise_uncovered, _soft_direction, coverage_floor, fit_plugin, plugin_score
 
 OBJECTIVES = ["min_recall", "h_mean", "g_mean", "mean_recall", "min_head_tail_recall", "mean_recall_min_coverage",
               "h_mean_min_coverage", "mean_recall_min_head_tail_coverage"]
@@ -213,3 +213,38 @@ def test_the_coverage_auction_gives_the_short_class_exactly_what_it_needs():
     beta = _raise_uncovered(logits, torch.zeros(3, dtype=torch.float64), 2, 10)
     preds = (logits + beta).argmax(dim=1)
     assert preds.tolist() == [2, 0, 1, 2, 0, 1]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_coverage_floor_raises_only_short_classes_and_is_then_a_fixed_point(seed):
+    # K = 8, 20 rows per class, α = 0.9: 18 predictions per class; the long-tailed tilt starves the last classes.
+    k, n, alpha = 8, 20, 0.9
+    logits, _ = long_tailed_logits(seed, k, n)
+    logits = logits - torch.linspace(0.0, 2.0, k)
+    need = math.ceil(alpha * n)
+    before = logits.double().argmax(dim=1)
+    short = torch.bincount(before, minlength=k) < need
+    assert short.any()
+    beta = coverage_floor(logits, alpha)
+    after = (logits.double() + beta).argmax(dim=1)
+    assert int(torch.bincount(after, minlength=k).min()) >= need
+    assert abs(float(beta.mean())) < 1e-12
+    # an auction: biases only go up from a common base, so every class that was short is raised, and every row
+    # that changed hands went to a raised class (one that was short when its turn came)
+    raised = beta > beta.min() + 1e-12
+    moved = after != before
+    assert bool(raised[short].all()) and moved.any() and bool(raised[after[moved]].all())
+    assert int(raised.sum()) < k
+    # met now, so a second call moves nothing: a refresh repeated after a preemption finds the same head
+    assert torch.equal(coverage_floor(logits.double() + beta, alpha), torch.zeros(k, dtype=torch.float64))
+
+
+def test_the_coverage_floor_refuses_a_floor_no_bias_can_reach():
+    logits, _ = long_tailed_logits(0, 4, n=3)   # V = 12, K = 4: 3 rows each at most
+    assert torch.equal(coverage_floor(logits, 1.0), coverage_floor(logits, 1.0))  # α = 1 asks exactly 3: reachable
+    with pytest.raises(ValueError, match="asks 3 of 11 validation predictions per class"):
+        coverage_floor(logits[:11], 1.0)
+    with pytest.raises(ValueError, match="alpha must lie in"):
+        coverage_floor(logits, 0.0)
+    with pytest.raises(ValueError, match=r"finite \[V, K\]"):
+        coverage_floor(logits[0], 0.5)

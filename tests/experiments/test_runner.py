@@ -59,6 +59,27 @@ def test_a_start_listing_several_methods_takes_the_best_on_validation(toy_raw, t
         assert r["test"] == by[(r["info"]["start"], r["seed"], r["rho_u"])]["test"]   # the chosen head itself
 
 
+def test_a_plugin_started_by_plugin_keeps_the_candidate_whose_plugin_is_best(toy_raw, toy_data_dir, tmp_path):
+    """start_by: plugin — the same result as the better of the two single-start plug-ins (by their validation
+    metric, the first listed on a tie), which are computed separately here."""
+    for name, start in (("p_erm", "erm"), ("p_st", "st"), ("p_pick", ["erm", "st"])):
+        toy_raw["methods"][name] = {"kind": "plugin", "start": start, "objective": "g_mean", "iterations": 5}
+    toy_raw["methods"]["p_pick"]["start_by"] = "plugin"
+    result = run(parse_spec(toy_raw, "toy.yaml"), tmp_path, toy_data_dir, methods=["p_*"])
+    by = {(r["method"], r["seed"], r["rho_u"]): r for r in result["records"]}
+    picks = [r for r in result["records"] if r["method"] == "p_pick"]
+    assert len(picks) == 4
+    for r in picks:
+        single = {n: by[(f"p_{n}", r["seed"], r["rho_u"])] for n in ("erm", "st")}
+        best = max(("erm", "st"), key=lambda n: single[n]["val"]["g_mean"])
+        assert r["info"]["start"] == best
+        assert r["info"]["start_plugin_val"][best][1] == pytest.approx(single[best]["val"]["g_mean"])
+        assert r["val"] == single[best]["val"] and r["test"] == single[best]["test"]
+    toy_raw["methods"]["p_pick"]["start_by"] = "after"
+    with pytest.raises(ValueError, match="p_pick.*start_by must be 'head' or 'plugin'"):
+        parse_spec(toy_raw, "toy.yaml")
+
+
 def test_results_are_stored_as_they_complete_and_reused(toy_raw, toy_data_dir, tmp_path, counting_kind):
     toy_raw["methods"]["count"] = {"kind": counting_kind, "start": "st"}
     spec = parse_spec(toy_raw, "toy.yaml")

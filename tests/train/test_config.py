@@ -109,6 +109,7 @@ def test_every_range_is_checked_at_load(override, key):
     (["data.unlabeled_split="], "data.unlabeled_split"),
     (["run.steps=10", "optim.warmup_steps=20"], "optim.warmup_steps"),
     (["run.dir= "], "run.dir"),
+    (["selmix.coverage_floor=true", "objective.name=h_mean"], "selmix.coverage_floor"),
 ])
 def test_cross_key_rules_fail_before_any_work(overrides, key):
     with pytest.raises(ValueError, match=f"config key '{key}"):

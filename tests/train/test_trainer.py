@@ -373,3 +373,82 @@ def test_best_head_of_a_coverage_objective_is_chosen_by_its_violation_then_its_m
     by_metric_alone = max(seen, key=lambda t: (round(t[1], 12), -t[0]))[0]
     assert expected != by_metric_alone  # a case where the old rule (the metric alone) chose another head
     assert torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)["step"] == expected
+
+
+def _noisy_val_data():
+    """The synthetic data with a noisier validation set, on which no head of a plain run meets the coverage
+    floor α/K = 0.95/6 (24 of the 150 validation rows per class)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from synthetic_run import synthetic_data
+
+    from selmix_dist.features.sets import FeatureSet
+
+    clean = synthetic_data()
+    noise = 4.0 * torch.randn(clean.val.features.shape, generator=torch.Generator().manual_seed(0))
+    return dataclasses.replace(clean, val=FeatureSet(clean.val.features + noise, clean.val.labels, "val"))
+
+
+def _starve_class_0_after_the_last_step(trainer) -> None:
+    """A fault after the last step (no refresh follows it): class 0 is predicted nowhere until a floor lifts it."""
+    if trainer.step == trainer.cfg.run.steps:
+        with torch.no_grad():
+            trainer.plain_head().bias[0] -= 100.0
+
+
+def test_coverage_floor_holds_at_every_refresh_and_at_the_end(tmp_path):
+    from selmix_dist.config import load_config
+    from selmix_dist.train.trainer import Trainer
+
+    data, k = _noisy_val_data(), 6
+    need = math.ceil(0.95 * len(data.val) / k)
+    fewest = {}   # floor on/off → the fewest validation predictions of any class, per offered head, counted here
+    for floor in (False, True):
+        # With the floor, 55 steps: the last 5 come after the last refresh, and the final head gets the floor too.
+        cfg = load_config(None, [f"run.dir={tmp_path / str(floor)}", *COMMON, "objective.name=h_mean_min_coverage",
+                                 f"selmix.coverage_floor={str(floor).lower()}", f"run.steps={55 if floor else 60}",
+                                 "log.progress=false"])
+        trainer = Trainer(cfg, data, hooks=[_starve_class_0_after_the_last_step] if floor else [])
+        offer, seen = trainer.checkpointer.save_if_best, []
+
+        def measured(step, metric, payload, trainer=trainer, offer=offer, seen=seen, **kw):
+            with torch.no_grad():
+                pred = trainer.plain_head()(data.val.features).argmax(1)
+            seen.append(int(torch.bincount(pred, minlength=k).min()))
+            return offer(step, metric, payload, **kw)
+
+        trainer.checkpointer.save_if_best = measured
+        trainer.run()
+        with torch.no_grad():
+            seen.append(int(torch.bincount(trainer.plain_head()(data.val.features).argmax(1), minlength=k).min()))
+        trainer.close()
+        fewest[floor] = seen
+    assert len(fewest[True]) == 7 and min(fewest[True]) >= need    # 6 refreshes and the final head
+    assert min(fewest[False]) < need                               # without it the floor is missed here
+
+
+def test_coverage_floor_commits_nothing_when_a_refresh_is_interrupted(tmp_path):
+    from selmix_dist.config import load_config
+    from selmix_dist.train.evaluator import Interrupted
+    from selmix_dist.train.trainer import Trainer
+
+    cfg = load_config(None, [f"run.dir={tmp_path}", *COMMON, "objective.name=mean_recall_min_coverage",
+                             "selmix.coverage_floor=true", "log.progress=false"])
+    trainer = Trainer(cfg, _noisy_val_data())
+    head = trainer.plain_head()
+    bias = head.bias.detach().clone()
+    with pytest.raises(Interrupted):
+        trainer.refresher.refresh(head, 0, lambda: True)
+    assert torch.equal(head.bias, bias) and trainer.refresher.step is None
+    trainer.refresher.refresh(head, 0, lambda: False)
+    assert not torch.equal(head.bias, bias) and trainer.refresher.step == 0
+    trainer.close()
+
+
+def test_coverage_floor_run_resumes_bitwise_after_kill9(tmp_path):
+    floor = ["objective.name=mean_recall_min_coverage", "selmix.coverage_floor=true"]
+    ok(run_script(tmp_path / "ref", *floor))
+    assert run_script(tmp_path / "run", *floor, "--kill-at", "37").returncode == -signal.SIGKILL
+    ok(run_script(tmp_path / "run", *floor))
+    ref, got = final_head(tmp_path / "ref"), final_head(tmp_path / "run")
+    assert torch.equal(ref["weight"], got["weight"]) and torch.equal(ref["bias"], got["bias"])
+    assert history(tmp_path / "run") == history(tmp_path / "ref")
