@@ -161,18 +161,22 @@ def test_data_errors(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("confusion", ["hard", "soft"])
+@pytest.mark.parametrize("confusion", ["hard", "soft", "floor"])
 def test_two_processes_agree_with_one_at_first_refresh(tmp_path, synthetic_cache, confusion):
     """One process in memory, two through the cache reader (each pseudo-labels its shard of the pool); the
-    soft confusion (fixed-point sums) is the same C bit for bit."""
+    soft confusion (fixed-point sums) is the same C bit for bit, and so is the coverage floor's head."""
     one, two = tmp_path / "one", tmp_path / "two"
-    soft = ["selmix.confusion_temperature=1.0"] if confusion == "soft" else []
+    soft = {"soft": ["selmix.confusion_temperature=1.0"], "hard": [],
+            "floor": ["objective.name=mean_recall_min_coverage", "objective.params.alpha=1.0",
+                      "selmix.coverage_floor=true"]}[confusion]
     ok(run_script(tmp_path / "r1", "--dump-refresh", str(one), *soft))
     ok(run_script(tmp_path / "r2", "--dump-refresh", str(two), "--cache", str(synthetic_cache), *soft, procs=2))
     a = torch.load(f"{one}.rank0", weights_only=True)
     b0, b1 = (torch.load(f"{two}.rank{r}", weights_only=True) for r in (0, 1))
     hard = a["counts"].double() / a["counts"].sum()
-    assert torch.equal(a["joint"], hard) == (confusion == "hard")
+    assert torch.equal(a["joint"], hard) == (confusion != "soft")
+    if confusion == "floor":   # α = 1: every class predicted for its share, 25 of the 150 validation rows (the
+        assert a["counts"].sum(dim=0).tolist() == [25] * 6   # start head's columns are 27, 24, 25, 25, 25, 24)
     for b in (b0, b1):
         assert torch.equal(a["counts"], b["counts"]) and torch.equal(a["joint"], b["joint"])
         assert torch.equal(a["partner_labels"], b["partner_labels"])
