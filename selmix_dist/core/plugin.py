@@ -228,7 +228,8 @@ def coverage_floor(logits: torch.Tensor, alpha: float) -> torch.Tensor:
     """β float64[K], mean 0: the bias shift that gives every class at least ⌈αV/K⌉ of the predictions
     ``argmax(logits + β)`` over validation logits float[V, K], by the coverage auction (``_raise_uncovered``).
 
-    Zero where every class already has them, so applying it twice changes nothing. The floor must be reachable:
+    Zero where every class already has them, so applying it twice changes nothing. At most 16 K raises: a class
+    still short after them stays short (the caller's metrics show it). The floor must be reachable:
     ⌈αV/K⌉ ≤ ⌊V/K⌋ (an equal share), which α < 1 gives whenever V is a multiple of K."""
     if logits.dim() != 2 or not bool(torch.isfinite(logits).all()):
         raise ValueError(f"logits must be a finite [V, K] tensor, got shape {tuple(logits.shape)}")

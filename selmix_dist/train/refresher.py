@@ -20,7 +20,7 @@ import torch
 
 from selmix_dist import distributed as dist
 from selmix_dist.config import SelMixConfig
-from selmix_dist.core import PairSampler, joint_confusion
+from selmix_dist.core import PairSampler, confusion_counts, joint_confusion
 from selmix_dist.core.forecast import Forecast, GainForecast
 from selmix_dist.core.objectives import Objective
 from selmix_dist.core.plugin import coverage_floor
@@ -141,8 +141,7 @@ class Refresher:
         same head and features; rank 0's is the authority. Costs the [V, K] validation logits on every rank."""
         logits = head_logits(head, self.val.take(torch.arange(len(self.val))))
         shift = dist.broadcast_tensor(coverage_floor(logits, self.objective.params["alpha"]))
-        k = head.out_features
-        counts = torch.bincount(self.val.labels * k + logits.argmax(dim=1), minlength=k * k).reshape(k, k)
+        counts = confusion_counts(self.val.labels, logits.argmax(dim=1), head.out_features)
         return CoverageFloor(plugin_head(head, shift), int((shift > shift.min()).sum()), counts)
 
     def _commit(self, step: int, distribution: torch.Tensor, partner_labels: torch.Tensor) -> None:
