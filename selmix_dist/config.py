@@ -108,10 +108,10 @@ class SelMixConfig:
                                        "softmax(logits / T) to its true class's row (docs/method.md §2.5). 0: the "
                                        "argmax counts of the paper.", 0.0)
     coverage_floor: bool = doc("Objectives with a per-class coverage constraint (mean_recall_min_coverage, "
-                               "h_mean_min_coverage): at every refresh raise the head's biases by the coverage "
-                               "auction until every class has ⌈αV/K⌉ validation predictions, so that the gain, "
-                               "best.pt and the final head see a head that meets the constraint on validation "
-                               "(docs/method.md §2.6). Not with DeepSpeed.", False)
+                               "h_mean_min_coverage): at every refresh, a copy of the head whose biases the "
+                               "coverage auction raised until every class has ⌈αV/K⌉ validation predictions is "
+                               "what the gain, the evaluations, best.pt and the final head see; the training head "
+                               "keeps its own biases (docs/method.md §2.6). Not with DeepSpeed.", False)
     pseudo_threshold: float = doc("Confidence threshold for pseudo-labels (0: plain argmax).", 0.0)
     pseudo_label_every: int = doc("Refreshes between pseudo-labelling passes over the unlabeled split "
                                   "(1: every refresh, as in the paper; larger amortises a big unlabeled set).", 1)

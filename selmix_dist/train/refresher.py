@@ -1,11 +1,11 @@
 """The refresh (docs/method.md §4.3): measure C and the prototypes, pseudo-label, recompute G and P, rebuild sampling.
 
 Order of one refresh, identical on every rank: at selmix.coverage_floor, the bias shift that meets the coverage
-floor on the whole validation set (rank 0's authoritative) → sharded validation pass of that head (counts +
-feature sums, and soft counts at selmix.confusion_temperature > 0, reduced) →
+floor on the whole validation set (rank 0's authoritative), applied to a copy of the head → sharded validation
+pass of that head (counts + feature sums, and soft counts at selmix.confusion_temperature > 0, reduced) →
 pseudo-labels of the unlabeled split (sharded, gathered; every `pseudo_label_every` refreshes) →
-`core.selmix_refresh` (multipliers, ∂ψ/∂C, G, P) → rank 0's P broadcast as the authority → pair sampler (and
-the floor's biases into the training head). Until the last step nothing is committed, so a preemption during
+`core.selmix_refresh` (multipliers, ∂ψ/∂C, G, P) → rank 0's P broadcast as the authority → pair sampler. The
+training head itself is never changed here. Until the last step nothing is committed, so a preemption during
 the passes leaves the state of the last step boundary intact. Only the sampling state (P, partner labels, the
 step that decided them) is checkpointed, with the head; everything else of a refresh is logged.
 """
@@ -20,7 +20,7 @@ import torch
 
 from selmix_dist import distributed as dist
 from selmix_dist.config import SelMixConfig
-from selmix_dist.core import PairSampler, confusion_counts, joint_confusion
+from selmix_dist.core import PairSampler, joint_confusion
 from selmix_dist.core.forecast import Forecast, GainForecast
 from selmix_dist.core.objectives import Objective
 from selmix_dist.core.plugin import coverage_floor
@@ -43,16 +43,15 @@ class RefreshRecord:
     gain_rate: float = 0.0               # Σ P∘G: ψ's expected change per unit lr of one step (core.forecast)
     forecast: Forecast | None = None     # the previous refresh's prediction against what this one measured
     floor_raised: int = 0                # classes whose bias the coverage floor raised (selmix.coverage_floor)
+    floored_head: torch.nn.Linear | None = None   # the measured head at selmix.coverage_floor (a copy)
 
 
 @dataclass
 class CoverageFloor:
-    """A head whose biases meet the coverage floor, how many classes were raised, and the validation counts
-    int64[K, K] of the head before (what its training steps produced)."""
+    """A copy of a head whose biases meet the coverage floor, and how many classes were raised."""
 
     head: torch.nn.Linear
     raised: int
-    counts_before: torch.Tensor
 
 
 class Refresher:
@@ -109,10 +108,10 @@ class Refresher:
             labels = self.partner_labels if self.semi else self.labeled.labels.to(torch.int32)
         lap("pseudo_labels")
         # ψ of this C with the multipliers that decided the last P: what the last forecast predicted the change of
-        # (the steps' head, before the floor moved its biases).
+        # (with the floor, of the floored head: the one G was computed at).
         hard = joint_confusion(val.counts)
-        psi_before = float(self.objective.psi(joint_confusion(floor.counts_before) if floor else hard))
-        forecast = self.forecast.close(step, psi_before, self.lr_sum(self.step, step) if self.step is not None else 0.0)
+        psi_now = float(self.objective.psi(hard))
+        forecast = self.forecast.close(step, psi_now, self.lr_sum(self.step, step) if self.step is not None else 0.0)
         # From here on the refresh commits: the objective's multipliers move and P is replaced.
         device = self.evaluator.device
         soft = joint_confusion(val.soft_counts) if val.soft_counts is not None else None
@@ -120,20 +119,17 @@ class Refresher:
                                 floored.bias.detach().to(torch.float64), self.objective, self.settings, confusion=soft)
         rate = GainForecast.rate(result.gain, result.distribution)
         # The forecast is judged on the metric of hard predictions, whichever C the gain saw (docs/method.md §4.4).
-        self.forecast.open(step, rate, float(self.objective.psi(hard)))
+        self.forecast.open(step, rate, psi_now)
         lap("gain")
         # Every rank computed the same P from the same reduced statistics; rank 0's copy is authoritative.
         result.distribution = dist.broadcast_tensor(result.distribution)
         lap("broadcast")
         self._commit(step, result.distribution, labels)
-        if floor:
-            with torch.no_grad():
-                head.bias.copy_(floored.bias)
         release_freed_memory()   # the passes' buffers, which glibc would otherwise keep in this rank's heap
         lap("sampler")
         timings["total"] = sum(timings.values())
         return RefreshRecord(step, val.counts, result, labels, timings, rate, forecast,
-                             floor.raised if floor else 0)
+                             floor.raised if floor else 0, floored if floor else None)
 
     def coverage_floor(self, head: torch.nn.Linear) -> CoverageFloor:
         """``head`` with its biases raised to meet the objective's coverage floor on the whole validation set
@@ -141,8 +137,7 @@ class Refresher:
         same head and features; rank 0's is the authority. Costs the [V, K] validation logits on every rank."""
         logits = head_logits(head, self.val.take(torch.arange(len(self.val))))
         shift = dist.broadcast_tensor(coverage_floor(logits, self.objective.params["alpha"]))
-        counts = confusion_counts(self.val.labels, logits.argmax(dim=1), head.out_features)
-        return CoverageFloor(plugin_head(head, shift), int((shift > shift.min()).sum()), counts)
+        return CoverageFloor(plugin_head(head, shift), int((shift > shift.min()).sum()))
 
     def _commit(self, step: int, distribution: torch.Tensor, partner_labels: torch.Tensor) -> None:
         self.step, self.distribution, self.partner_labels = step, distribution, partner_labels

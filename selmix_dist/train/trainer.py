@@ -63,10 +63,11 @@ class Trainer:
         map_large_blocks()  # the passes' large buffers must not settle in this rank's heap (selmix_dist.memory)
         self.acc = accelerator or dist.make_accelerator()
         if cfg.selmix.coverage_floor and self.acc.distributed_type.name == "DEEPSPEED":
-            # ZeRO keeps its own fp32 copy of the head and writes it back at every step: a bias the refresh
-            # moved would be undone.
-            raise ValueError("config key 'selmix.coverage_floor' sets the head's biases between steps, which "
-                             "DeepSpeed's ZeRO optimizer overwrites from its own copy: run without DeepSpeed")
+            # ZeRO keeps its own fp32 copy of the head, from which it writes the module back: the floored biases
+            # written into the final head, outside the optimizer, would not be what an extension resumes from.
+            raise ValueError("config key 'selmix.coverage_floor' writes the floored biases into the run's final "
+                             "head, outside the optimizer, where DeepSpeed's ZeRO keeps its own copy: run without "
+                             "DeepSpeed")
         self.rank, self.world = dist.world_info()
         self.k = data.num_classes
         self.preemption = preemption or Preemption(cfg.run.requeue).install()
@@ -99,6 +100,7 @@ class Trainer:
         optimizer = build_optimizer(head, cfg.optim)
         self.scheduler = RunSchedule(optimizer, cfg.optim, total_steps=cfg.run.steps)
         self.step = self.plan.step
+        self._floored: tuple[int, torch.nn.Linear] | None = None   # (step, floored copy): selmix.coverage_floor
         if resuming:
             self.plan.load(self._parts(head, optimizer))
             self.plan.announce(self.run_dir, world_size=self.world, batch_size=cfg.optim.batch_size)
@@ -204,8 +206,11 @@ class Trainer:
         monitor.evaluation(self.step, "val", metrics, recall)
         monitor.refresh(record, self.objective, self.class_order, self.cfg)
         violation = constraint_violation(record.counts, self.objective, self.evaluator.head_mask)
-        self.checkpointer.save_if_best(self.step, metrics[self.objective.target_metric], self._best_payload,
-                                       violation=violation)
+        if record.floored_head is not None:
+            self._floored = (self.step, record.floored_head)
+        measured = self._evaluated_head()
+        self.checkpointer.save_if_best(self.step, metrics[self.objective.target_metric],
+                                       lambda: self._best_payload(measured), violation=violation)
         return self.stopping.after_refresh(record.result.max_gain)
 
     def _test_due(self, first_new: int) -> bool:
@@ -214,15 +219,26 @@ class Trainer:
         return self.data.test is not None and self.step >= first_new and (
             self.step == 0 or (every > 0 and self.step % every == 0))
 
+    def _evaluated_head(self) -> torch.nn.Linear:
+        """The head that evaluations, best.pt and the run's output stand for. With selmix.coverage_floor, a floored
+        copy of the training head (the refresh's own at a refresh step): the training head keeps its biases, since
+        steps from a floored head fight the floor (docs/method.md §2.6)."""
+        if not self.cfg.selmix.coverage_floor:
+            return self.plain_head()
+        if self._floored is None or self._floored[0] != self.step:
+            self._floored = (self.step, self.refresher.coverage_floor(self.plain_head()).head)
+        return self._floored[1]
+
     def _log_eval(self, monitor: Monitor, fs: FeatureSet, split: str) -> None:
-        monitor.evaluation(self.step, split, *self.evaluator.evaluate(self.plain_head(), fs))
+        monitor.evaluation(self.step, split, *self.evaluator.evaluate(self._evaluated_head(), fs))
 
     def _finish(self, monitor: Monitor) -> None:
         self.stopping.check_finite_loss()
+        if self.cfg.selmix.coverage_floor:   # the run's head is the floored one (an extension continues from it)
+            floored = self._evaluated_head()
+            with torch.no_grad():
+                self.plain_head().bias.copy_(floored.bias)
         if self.refresher.step != self.step:
-            if self.cfg.selmix.coverage_floor:   # the last steps came after the last refresh's floor
-                with torch.no_grad():
-                    self.plain_head().bias.copy_(self.refresher.coverage_floor(self.plain_head()).head.bias)
             self._log_eval(monitor, self.data.val, "val")
         best = self.checkpointer.best
         if self.data.test is not None:
@@ -274,9 +290,11 @@ class Trainer:
         return checkpoint_body(self._parts(self.plain_head(), self.optimizer), step=self.step, complete=complete,
                                identity=self.identity(), config=self.cfg, world_size=self.world)
 
-    def _best_payload(self) -> dict[str, Any]:
-        """What best.pt holds besides its step and metric: the head and what names it (classes, config, backbone)."""
-        return {"head": HeadState(self.plain_head()).state_dict(), "class_names": self.data.class_names,
+    def _best_payload(self, head: torch.nn.Linear | None = None) -> dict[str, Any]:
+        """What best.pt holds besides its step and metric: the head (default: the training head) and what names it
+        (classes, config, backbone)."""
+        head = self.plain_head() if head is None else head
+        return {"head": HeadState(head).state_dict(), "class_names": self.data.class_names,
                 "config": self.cfg.to_dict(), "backbone": self.backbone}
 
     def close(self) -> None:

@@ -414,9 +414,9 @@ def test_coverage_floor_holds_at_every_refresh_and_at_the_end(tmp_path):
         trainer = Trainer(cfg, data, hooks=[_starve_class_0_after_the_last_step] if floor else [])
         offer, seen = trainer.checkpointer.save_if_best, []
 
-        def measured(step, metric, payload, trainer=trainer, offer=offer, seen=seen, **kw):
-            with torch.no_grad():
-                pred = trainer.plain_head()(data.val.features).argmax(1)
+        def measured(step, metric, payload, offer=offer, seen=seen, **kw):
+            head = payload()["head"]   # the head best.pt would hold
+            pred = (data.val.features @ head["weight"].T + head["bias"]).argmax(1)
             seen.append(int(torch.bincount(pred, minlength=k).min()))
             return offer(step, metric, payload, **kw)
 
@@ -430,21 +430,37 @@ def test_coverage_floor_holds_at_every_refresh_and_at_the_end(tmp_path):
     assert min(fewest[False]) < need                               # without it the floor is missed here
 
 
-def test_coverage_floor_commits_nothing_when_a_refresh_is_interrupted(tmp_path):
+def test_coverage_floor_measures_a_floored_copy_and_leaves_the_training_head(tmp_path):
+    """A refresh measures the floored copy of the head (checked against core.plugin.coverage_floor on the logits
+    computed here) and never moves the training head, interrupted or not: steps from a floored head fight the
+    floor (docs/method.md §2.6)."""
     from selmix_dist.config import load_config
+    from selmix_dist.core import confusion_counts
+    from selmix_dist.core.plugin import coverage_floor
+    from selmix_dist.heads.plugin import head_logits
     from selmix_dist.train.evaluator import Interrupted
     from selmix_dist.train.trainer import Trainer
 
+    data = _noisy_val_data()
     cfg = load_config(None, [f"run.dir={tmp_path}", *COMMON, "objective.name=mean_recall_min_coverage",
                              "selmix.coverage_floor=true", "log.progress=false"])
-    trainer = Trainer(cfg, _noisy_val_data())
+    trainer = Trainer(cfg, data)
     head = trainer.plain_head()
-    bias = head.bias.detach().clone()
+    weight, bias = head.weight.detach().clone(), head.bias.detach().clone()
     with pytest.raises(Interrupted):
         trainer.refresher.refresh(head, 0, lambda: True)
-    assert torch.equal(head.bias, bias) and trainer.refresher.step is None
-    trainer.refresher.refresh(head, 0, lambda: False)
-    assert not torch.equal(head.bias, bias) and trainer.refresher.step == 0
+    assert trainer.refresher.step is None
+    record = trainer.refresher.refresh(head, 0, lambda: False)
+    assert trainer.refresher.step == 0
+    assert torch.equal(head.weight, weight) and torch.equal(head.bias, bias)
+    shift = coverage_floor(head_logits(head, data.val.features), 0.95)
+    assert shift.max() > shift.min()   # this start head misses the floor, so the copy differs from it
+    floored = record.floored_head
+    assert torch.equal(floored.weight, weight) and torch.equal(floored.bias, (bias.double() + shift).float())
+    with torch.no_grad():
+        pred = floored(data.val.features).argmax(1)
+    assert torch.equal(record.counts, confusion_counts(data.val.labels, pred, 6))
+    assert record.counts.sum(dim=0).min() >= math.ceil(0.95 * len(data.val) / 6)
     trainer.close()
 
 
